@@ -1,0 +1,86 @@
+"""Defaults shared by every experiment; `experiments/*.py` state only their deltas.
+
+    from flamingo_jax import base_config
+    def get_config(arg=None):
+        config = base_config.get_config()
+        config.model.lm.num_layers = 24
+        ...
+        return config
+
+Defaults are the paper's Flamingo-3B (SPEC §3.6) with the paper's training recipe.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+
+    # ---- Model (SPEC §3) -------------------------------------------------------------
+    config.model = model = ml_collections.ConfigDict()
+    model.dtype = "bfloat16"  # compute dtype; the loss is taken in float32
+    model.media_attention = "previous"  # or "all_previous" (ablation)
+
+    # Frozen vision encoder: an NFNet variant name (F0–F7, or a tiny one), or None when
+    # training from precomputed features. Other keys override the variant's NFNet kwargs.
+    model.vision = ml_collections.ConfigDict({"variant": "F6"})
+
+    model.resampler = ml_collections.ConfigDict(
+        dict(num_layers=6, dim=1536, num_heads=16, head_dim=128, num_latents=64,
+             max_frames=8, ffw_mult=4)
+    )
+
+    # Frozen Llama-family LM. The paper's Chinchilla 1.4B: 24 layers, width 2048, 16 heads;
+    # the MLP width makes the LM 1.40B parameters with a 32k vocabulary.
+    model.lm = ml_collections.ConfigDict(
+        dict(vocab_size=32000, num_extra_tokens=2, num_layers=24, dim=2048, num_heads=16,
+             num_kv_heads=16, mlp_dim=5888, max_length=256, head_dim=None,
+             rope_theta=10000.0, norm_eps=1e-6, qkv_bias=False, tie_embeddings=False,
+             remat_policy="none")
+    )
+    # `<image>` and `<EOC>` are appended after the pretrained vocabulary.
+    vocab_size = model.lm.get_ref("vocab_size")
+    model.image_token_id = vocab_size + 0
+    model.eoc_token_id = vocab_size + 1
+
+    model.xattn = ml_collections.ConfigDict(
+        dict(every=1, num_heads=16, head_dim=128, ffw_mult=4, gate="tanh")
+    )
+
+    # ---- Input shapes (SPEC §4) -------------------------------------------------------
+    config.input = ml_collections.ConfigDict(
+        dict(image_size=320, num_media=5, num_frames=1, text_length=256, batch_size=8)
+    )
+
+    # ---- Mesh and sharding (SPEC §5) --------------------------------------------------
+    # Sizes of ('data', 'fsdp', 'tensor'); -1 fills the remaining devices. num_devices None
+    # means every device of the job.
+    config.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1, num_devices=None))
+    # Logical axis → mesh axes. Every parameter and activation axis name appears here.
+    config.sharding_rules = (
+        ("batch", ("data", "fsdp")),
+        ("length", None),
+        ("embed", "fsdp"),
+        ("mlp", "tensor"),
+        ("heads", "tensor"),
+        ("kv_heads", "tensor"),
+        ("kv", None),
+        ("vocab", "tensor"),
+        ("media", None),
+        ("latents", None),
+        ("frames", None),
+        ("conv_in", None),
+        ("conv_out", "fsdp"),
+        ("classes", None),
+    )
+
+    # ---- Training (SPEC §5) -----------------------------------------------------------
+    config.train = ml_collections.ConfigDict()
+    # Regexes over '/'-joined parameter paths; a parameter trains when any matches. The
+    # paper trains the resampler, the gated layers and the `<image>`/`<EOC>` rows.
+    config.train.trainable = (r"^resampler/", r"^lm/xattn_\d+/", r"/extra_")
+    config.train.frozen_param_dtype = "bfloat16"
+    config.train.trainable_param_dtype = "float32"
+    config.train.optimizer_states_per_param = 2  # AdamW: first and second moments
+    config.train.seed = 0
+    return config

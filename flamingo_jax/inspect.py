@@ -1,0 +1,93 @@
+"""flamingo-inspect: parameter counts per component and bytes per device for a config,
+from abstract shapes (jax.eval_shape) — nothing is allocated.
+
+    flamingo-inspect --config experiments/flamingo_9b.py [--json] [--num_devices 256]
+"""
+
+import json
+import math
+
+import flax.linen as nn
+import jax
+from absl import app, flags
+from ml_collections import config_flags
+
+from flamingo_jax import sharding
+from flamingo_jax.models.flamingo import abstract_params
+from flamingo_jax.trainable import path_str, trainable_mask
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.")
+_JSON = flags.DEFINE_bool("json", False, "Print one JSON object instead of a table.")
+_NUM_DEVICES = flags.DEFINE_integer(
+    "num_devices", None, "Devices to size the mesh for (default: config.mesh.num_devices, "
+    "else the devices of this process)."
+)
+
+
+def _component(path: str) -> str:
+    top, _, rest = path.partition("/")
+    if top == "lm" and rest.startswith("xattn_"):
+        return "xattn"
+    return top
+
+
+def inspect_config(config, num_devices: int | None = None) -> dict:
+    """Counts and bytes for `config`; the JSON object of `flamingo-inspect --json`."""
+    boxed = abstract_params(config)
+    shapes = nn.unbox(boxed)
+    mask = trainable_mask(shapes, config.train.trainable)
+    components: dict[str, int] = {}
+    trainable = total = 0
+    for (path, x), is_trainable in zip(
+        jax.tree_util.tree_leaves_with_path(shapes), jax.tree_util.tree_leaves(mask)
+    ):
+        size = math.prod(x.shape)
+        total += size
+        trainable += size * bool(is_trainable)
+        name = _component(path_str(path))
+        components[name] = components.get(name, 0) + size
+
+    num_devices = num_devices or config.mesh.num_devices or jax.device_count()
+    sizes = dict(zip(sharding.MESH_AXES, sharding.mesh_shape(config.mesh, num_devices)))
+    specs = sharding.param_partition_specs(boxed, sharding.logical_rules(config))
+    frozen_bytes = jax.numpy.dtype(config.train.frozen_param_dtype).itemsize
+    train_bytes = jax.numpy.dtype(config.train.trainable_param_dtype).itemsize * (
+        1 + config.train.optimizer_states_per_param
+    )
+    per_element = jax.tree_util.tree_map(lambda t: train_bytes if t else frozen_bytes, mask)
+    return {
+        "total_params": total,
+        "trainable_params": trainable,
+        "frozen_params": total - trainable,
+        "components": components,
+        "mesh": sizes,
+        "bytes_per_device": sharding.bytes_per_device(shapes, specs, sizes, per_element),
+    }
+
+
+def _table(report: dict) -> str:
+    lines = [f"{'component':<12}{'params':>16}"]
+    lines += [f"{k:<12}{v:>16,}" for k, v in report["components"].items()]
+    lines += [
+        f"{'total':<12}{report['total_params']:>16,}",
+        f"{'trainable':<12}{report['trainable_params']:>16,}",
+        f"{'frozen':<12}{report['frozen_params']:>16,}",
+        f"mesh {report['mesh']}: {report['bytes_per_device'] / 2**30:.2f} GiB of parameters "
+        f"and optimizer state per device",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv):
+    del argv
+    report = inspect_config(_CONFIG.value, _NUM_DEVICES.value)
+    print(json.dumps(report) if _JSON.value else _table(report))
+
+
+def run():
+    flags.mark_flag_as_required("config")
+    app.run(main)
+
+
+if __name__ == "__main__":
+    run()
