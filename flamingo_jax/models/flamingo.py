@@ -170,7 +170,7 @@ def dummy_inputs(config, batch_size: int = 1) -> dict[str, jax.ShapeDtypeStruct]
     n, t, s = inp.num_media, inp.num_frames, inp.image_size
     tokens = jax.ShapeDtypeStruct((batch_size, inp.text_length), jnp.int32)
     if config.model.vision.variant is None:
-        d = config.model.vision.feature_dim
+        d = config.model.vision.get("feature_dim", config.model.resampler.dim)
         media = {"vision_features": jax.ShapeDtypeStruct((batch_size, n, t, (s // 32) ** 2, d),
                                                          jnp.float32)}
     else:
