@@ -36,6 +36,7 @@ setuptools.setup(
             "transformers",
             "timm",
             "open_clip_torch",
+            "pycocoevalcap",
         ],
     },
     entry_points={

@@ -83,4 +83,18 @@ def get_config() -> ml_collections.ConfigDict:
     config.train.trainable_param_dtype = "float32"
     config.train.optimizer_states_per_param = 2  # AdamW: first and second moments
     config.train.seed = 0
+    # λ_m per dataset (paper: M3W 1.0, ALIGN 0.2, LTIP 0.2, VTP 0.03).
+    config.train.task_weights = ml_collections.ConfigDict(
+        dict(m3w=1.0, align=0.2, ltip=0.2, vtp=0.03)
+    )
+    config.train.num_steps = 500_000
+    config.train.log_every = 100
+    # Consecutive non-finite losses after which the run stops with an error.
+    config.train.max_consecutive_skips = 10
+
+    config.optimizer = ml_collections.ConfigDict(
+        dict(lr=1e-4, warmup_steps=5000, schedule="constant", end_lr_fraction=0.0,
+             b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.1, grad_clip_norm=1.0,
+             no_weight_decay=(r"^resampler/", r"extra_embedding", r"extra_head/"))
+    )
     return config

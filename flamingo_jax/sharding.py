@@ -56,6 +56,20 @@ def param_partition_specs(boxed_params: Any, rules) -> Any:
     return nn.logical_to_mesh(logical, rules)
 
 
+def fit_spec(shape: Sequence[int], spec: PartitionSpec, sizes: dict[str, int]) -> PartitionSpec:
+    """`spec` with the mesh axes dropped from every dimension they do not divide evenly
+    (e.g. a 4-channel stem conv on fsdp=8): such dimensions are replicated instead."""
+    fitted = []
+    for i, dim in enumerate(shape):
+        axes = spec[i] if i < len(spec) else None
+        if axes is not None:
+            names = (axes,) if isinstance(axes, str) else tuple(axes)
+            if dim % math.prod(sizes[a] for a in names):
+                axes = None
+        fitted.append(axes)
+    return PartitionSpec(*fitted)
+
+
 def shard_shape(shape: Sequence[int], spec: PartitionSpec, sizes: dict[str, int]) -> tuple:
     """Per-device shape of an array of `shape` sharded by `spec` (ceil division)."""
     out = []

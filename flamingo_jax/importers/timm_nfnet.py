@@ -13,8 +13,10 @@ Layouts (timm → ours):
     biases [O] and skipinit_gain []   → unchanged
 
 Numerics: timm standardizes conv weights as (W − mean)/sqrt((var + 1e-5)·fan_in); our
-default is DeepMind's (W − mean)/sqrt(max(var·fan_in, 1e-4)). Build the model with
-`**TIMM_WS_EPS` to reproduce timm's forward pass exactly.
+default is DeepMind's (W − mean)/sqrt(max(var·fan_in, 1e-4)), the form the DeepMind
+weights were trained with. Build the model with `**TIMM_WS_EPS` to reproduce timm's
+forward pass exactly (see `flamingo_jax.models.nfnet.standardize_kernel` for the size of
+the difference).
 """
 
 import os
@@ -22,6 +24,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
+from flax import traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -93,7 +96,11 @@ _TRANSFORMS = {
 }
 
 
-_CONV_LEAVES = {"kernel": ("weight", "conv_kernel"), "gain": ("gain", "conv_gain"), "bias": ("bias", "same")}
+_CONV_LEAVES = {
+    "kernel": ("weight", "conv_kernel"),
+    "gain": ("gain", "conv_gain"),
+    "bias": ("bias", "same"),
+}
 
 
 def _timm_name(path: tuple) -> tuple[str, str]:
@@ -127,31 +134,11 @@ def _timm_name(path: tuple) -> tuple[str, str]:
     raise ValueError(f"no timm name for our parameter {'/'.join(path)}")
 
 
-def _flatten(tree: Mapping, prefix: tuple = ()) -> dict[tuple, Any]:
-    out = {}
-    for k, v in tree.items():
-        if isinstance(v, Mapping):
-            out.update(_flatten(v, (*prefix, k)))
-        else:
-            out[(*prefix, k)] = v
-    return out
-
-
-def _unflatten(flat: dict[tuple, Any]) -> dict:
-    tree: dict = {}
-    for path, v in flat.items():
-        node = tree
-        for k in path[:-1]:
-            node = node.setdefault(k, {})
-        node[path[-1]] = v
-    return tree
-
-
 def target_shapes(model: nn.Module, image_size: int = 64) -> dict[tuple, jax.ShapeDtypeStruct]:
     """Our param paths → ShapeDtypeStruct, from `jax.eval_shape` of `model.init` (no allocation)."""
     images = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
     variables = jax.eval_shape(model.init, jax.random.key(0), images)
-    return _flatten(nn.unbox(variables["params"]))
+    return traverse_util.flatten_dict(nn.unbox(variables["params"]))
 
 
 def timm_name_table(model: nn.Module) -> dict[str, tuple[tuple, str]]:
@@ -221,20 +208,21 @@ def convert_timm_nfnet(state_dict: Mapping[str, Any], model: nn.Module) -> dict:
                 f"(-> {'/'.join(path)} {list(target.shape)})"
             )
             continue
-        flat[path] = np.asarray(converted, dtype=target.dtype)
+        flat[path] = np.array(converted, dtype=target.dtype, order="C")  # owns its memory
     for name in state_dict:
         if name in table or (skip_head and name.startswith(_HEAD_PREFIXES)):
             continue
-        unexpected.append(f"{name} {list(_to_numpy(state_dict[name]).shape)}")
+        unexpected.append(f"{name} {list(state_dict[name].shape)}")
 
     if missing or mis_shaped or unexpected:
         lines = [f"timm NFNet state dict does not match the model ({len(table)} tensors expected):"]
-        for title, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", mis_shaped)):
+        problems = (("missing", missing), ("unexpected", unexpected), ("mis-shaped", mis_shaped))
+        for title, items in problems:
             if items:
                 lines.append(f"  {len(items)} {title}:")
                 lines.extend(f"    {item}" for item in items)
         raise ValueError("\n".join(lines))
-    return _unflatten(flat)
+    return traverse_util.unflatten_dict(flat)
 
 
 def load_timm_nfnet(

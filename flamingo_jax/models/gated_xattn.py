@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from flamingo_jax.models.attention import dot_product_attention
 from flamingo_jax.models.feed_forward import SquaredReluFeedForward
 from flamingo_jax.models.normalization import LayerNorm
+from flamingo_jax.models.projection import Projection
 
 GATES = ("tanh", "none")
 
@@ -80,11 +81,10 @@ class GatedCrossAttentionDense(nn.Module):
     ) -> jax.Array:  # [B, L, D]
         b, n, r, dm = media.shape
         d = y.shape[-1]
-        dense = lambda feats, axes, name, axis=-1: nn.DenseGeneral(  # noqa: E731
-            feats, axis=axis, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
-            kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), axes),
-            name=name,
-        )
+        def dense(features, axes, name, num_input_axes=1):
+            return Projection(features, axes, num_input_axes, dtype=self.dtype,
+                              param_dtype=self.param_dtype, name=name)
+
         heads = (self.num_heads, self.head_dim)
         q = dense(heads, ("embed", "heads", "kv"), "q")(LayerNorm(dtype=self.dtype, name="norm_q")(y))
         kv_in = LayerNorm(dtype=self.dtype, name="norm_kv")(media).reshape(b, n * r, dm)
@@ -93,7 +93,7 @@ class GatedCrossAttentionDense(nn.Module):
         q = nn.with_logical_constraint(q, ("batch", "length", "heads", "kv"))
         key_mask = jnp.repeat(mask, r, axis=-1)[:, None, :, :]  # [B, 1, L, N·R]
         attn = dot_product_attention(q, k, v, key_mask)  # [B, L, H, Dh]
-        attn = dense(d, ("heads", "kv", "embed"), "o", axis=(-2, -1))(attn)
+        attn = dense((d,), ("heads", "kv", "embed"), "o", num_input_axes=2)(attn)
         has_media = jnp.any(mask, axis=-1)[..., None].astype(attn.dtype)  # [B, L, 1]
         y = y + self._gate("alpha_xattn") * (attn * has_media)
 

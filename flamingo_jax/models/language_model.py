@@ -28,6 +28,7 @@ from flamingo_jax.models.attention import dot_product_attention
 from flamingo_jax.models.feed_forward import SwiGLUFeedForward
 from flamingo_jax.models.gated_xattn import GatedCrossAttentionDense
 from flamingo_jax.models.normalization import RMSNorm
+from flamingo_jax.models.projection import Projection
 from flamingo_jax.models.rope import apply_rope
 
 REMAT_POLICIES = {
@@ -89,11 +90,10 @@ class SelfAttention(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, positions: jax.Array) -> jax.Array:  # [B, L, D]
         def proj(heads, axes, name):
-            return nn.DenseGeneral(
-                (heads, self.head_dim), use_bias=self.qkv_bias, dtype=self.dtype,
-                param_dtype=self.param_dtype, kernel_init=_init(("embed",) + axes),
-                bias_init=nn.with_logical_partitioning(nn.initializers.zeros, axes),
-                name=name,
+            return Projection(
+                (heads, self.head_dim), ("embed",) + axes, use_bias=self.qkv_bias,
+                kernel_init=nn.initializers.normal(stddev=0.02), dtype=self.dtype,
+                param_dtype=self.param_dtype, name=name,
             )(x)
 
         q = proj(self.num_heads, ("heads", "kv"), "q")  # [B, L, H, Dh]
@@ -105,9 +105,10 @@ class SelfAttention(nn.Module):
         length = x.shape[1]
         causal = jnp.tril(jnp.ones((length, length), bool))[None, None]  # [1, 1, L, L]
         out = dot_product_attention(q, k, v, causal)
-        return nn.DenseGeneral(
-            x.shape[-1], axis=(-2, -1), use_bias=False, dtype=self.dtype,
-            param_dtype=self.param_dtype, kernel_init=_init(("heads", "kv", "embed")), name="o",
+        return Projection(
+            (x.shape[-1],), ("heads", "kv", "embed"), num_input_axes=2,
+            kernel_init=nn.initializers.normal(stddev=0.02), dtype=self.dtype,
+            param_dtype=self.param_dtype, name="o",
         )(out)
 
 

@@ -47,6 +47,18 @@ _CONV_KERNEL_AXES = (None, None, "conv_in", "conv_out")
 _FEATURE_MAP_AXES = ("batch", None, None, "conv_out")
 
 
+def fan_in_normal(key: jax.Array, shape: tuple[int, ...], dtype: Any = jnp.float32) -> jax.Array:
+    """N(0, 1/fan_in) with fan_in = prod(shape[:-1]) (He/LeCun 'fan_in' normal, gain 1).
+
+    Drawn flat and reshaped: the same distribution as variance_scaling(1, 'fan_in', 'normal'),
+    but XLA:CPU compiles a rank-1 draw in well under a second where a rank-4 draw with
+    partitionable threefry takes several seconds per shape.
+    """
+    fan_in = math.prod(shape[:-1])
+    flat = jax.random.normal(key, (math.prod(shape),), jnp.float32) * fan_in**-0.5
+    return flat.reshape(shape).astype(dtype)
+
+
 def scaled_activation(x: jax.Array, activation: str) -> jax.Array:
     """GELU (exact, erf form) or ReLU, multiplied by its variance-preserving gamma."""
     if activation == "gelu":
@@ -68,7 +80,9 @@ def standardize_kernel(
     eps_form 'add' (timm's ScaledStdConv2d, via batch_norm): divide by sqrt((var + eps)·fan_in),
     timm uses eps 1e-5 for dm_nfnet. The two differ by a relative ≈ eps/(2·var) per channel:
     with timm's eps 1e-5 and var ≈ 1/fan_in that is ≈ 5e-6·fan_in (0.6% at fan_in 1152), so
-    bit-level parity with timm needs eps_form='add', eps=1e-5.
+    parity with timm needs eps_form='add', eps=1e-5. Measured on a randomly initialised
+    dm_nfnet_f0 (skip gains ≈ 1, 192×200 input): logits differ from timm's by 4.0% (max
+    relative) with the default form and by 1.4e-6 with timm's.
     """
     if eps_form not in WS_EPS_FORMS:
         raise ValueError(f"eps_form must be one of {WS_EPS_FORMS}, got {eps_form!r}")
@@ -106,9 +120,7 @@ class ScaledStdConv(nn.Module):
         k = self.kernel_size
         kernel = self.param(
             "kernel",
-            nn.with_logical_partitioning(
-                nn.initializers.variance_scaling(1.0, "fan_in", "normal"), _CONV_KERNEL_AXES
-            ),
+            nn.with_logical_partitioning(fan_in_normal, _CONV_KERNEL_AXES),
             (k, k, in_features // self.feature_group_count, self.features),
             self.param_dtype,
         )  # [k, k, I/groups, O]
@@ -151,10 +163,7 @@ class SqueezeExcite(nn.Module):
         def dense(features: int, name: str) -> nn.Dense:
             return nn.Dense(
                 features,
-                kernel_init=nn.with_logical_partitioning(
-                    nn.initializers.variance_scaling(1.0, "fan_in", "normal"),
-                    ("conv_in", "conv_out"),
-                ),
+                kernel_init=nn.with_logical_partitioning(fan_in_normal, ("conv_in", "conv_out")),
                 bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("conv_out",)),
                 dtype=self.dtype,
                 param_dtype=self.param_dtype,
@@ -168,7 +177,10 @@ class SqueezeExcite(nn.Module):
 
 
 class NFBlock(nn.Module):
-    """Pre-activation NF bottleneck block: out = skip_gain·drop(SE(branch(act(x)·β)))·α + shortcut."""
+    """Pre-activation NF bottleneck block.
+
+    out = skip_gain · drop(SE(branch(act(x)·β))) · α + shortcut
+    """
 
     features: int
     strides: int = 1
@@ -225,9 +237,9 @@ class NFBlock(nn.Module):
         )(y)
         if train and self.stochastic_depth_rate > 0.0:
             keep = jax.random.bernoulli(
-                self.make_rng("dropout"), 1.0 - self.stochastic_depth_rate, (y.shape[0], 1, 1, 1)
-            )  # [B, 1, 1, 1]; no 1/keep rescale (DeepMind)
-            y = y * keep.astype(y.dtype)
+                self.make_rng("dropout"), 1.0 - self.stochastic_depth_rate, (y.shape[0],)
+            )  # [B]; no 1/keep rescale (DeepMind)
+            y = y * keep.astype(y.dtype)[:, None, None, None]
         skip_gain = self.param(
             "skip_gain", nn.with_logical_partitioning(nn.initializers.zeros, ()), (),
             self.param_dtype,
@@ -279,7 +291,9 @@ class NFNet(nn.Module):
         if not self.stem_widths:
             raise ValueError("stem_widths must name at least one conv before the last stem conv")
         if self.widths[0] % 2:
-            raise ValueError(f"widths[0] must be even (stem ends at widths[0]/2), got {self.widths[0]}")
+            raise ValueError(
+                f"widths[0] must be even (the stem ends at widths[0]/2), got {self.widths[0]}"
+            )
 
     @nn.compact
     def __call__(
@@ -366,10 +380,11 @@ _F_VARIANTS = {
     "F6": (448, 576, 0.5),
     "F7": (480, 608, 0.5),
 }
-# Small variants for tests and the demo (not pretrained anywhere).
+# Small variants for tests and the demo (not pretrained anywhere). Every channel count is a
+# multiple of 8, so 'conv_out' → 'fsdp' sharding divides them on up to 8 devices.
 _TINY_VARIANTS = {
     "tiny": dict(
-        widths=(16, 32, 64, 64), depths=(1, 1, 1, 1), stem_widths=(4, 8, 8), group_width=8,
+        widths=(16, 32, 64, 64), depths=(1, 1, 1, 1), stem_widths=(8, 8, 8), group_width=8,
         stochastic_depth_rate=0.0, dropout_rate=0.0, train_resolution=64, test_resolution=64,
     ),
     "mini": dict(

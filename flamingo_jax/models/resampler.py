@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from flamingo_jax.models.attention import dot_product_attention
 from flamingo_jax.models.feed_forward import SquaredReluFeedForward
 from flamingo_jax.models.normalization import LayerNorm
+from flamingo_jax.models.projection import Projection
 
 
 def interpolate_time_embedding(
@@ -51,23 +52,13 @@ class PerceiverAttention(nn.Module):
         latents = LayerNorm(name="norm_latents", **kw)(latents)
 
         def proj(inputs, name):
-            return nn.DenseGeneral(
-                (self.num_heads, self.head_dim), use_bias=False, name=name,
-                kernel_init=nn.with_logical_partitioning(
-                    nn.initializers.lecun_normal(), ("embed", "heads", "kv")
-                ),
-                **kw,
-            )(inputs)
+            return Projection((self.num_heads, self.head_dim), ("embed", "heads", "kv"),
+                              name=name, **kw)(inputs)
 
         kv_in = jnp.concatenate([x, latents], axis=1)  # [B, T·S + R, D]
         out = dot_product_attention(proj(latents, "q"), proj(kv_in, "k"), proj(kv_in, "v"))
-        return nn.DenseGeneral(
-            latents.shape[-1], axis=(-2, -1), use_bias=False, name="o",
-            kernel_init=nn.with_logical_partitioning(
-                nn.initializers.lecun_normal(), ("heads", "kv", "embed")
-            ),
-            **kw,
-        )(out)
+        return Projection((latents.shape[-1],), ("heads", "kv", "embed"), num_input_axes=2,
+                          name="o", **kw)(out)
 
 
 class PerceiverResampler(nn.Module):
