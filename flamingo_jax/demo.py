@@ -65,7 +65,8 @@ def main(argv):
     }
     with open(os.path.join(_WORKDIR.value, "forward.json"), "w") as f:
         json.dump(summary, f, indent=1)
-    print(json.dumps(summary, indent=1))
+    for key, value in summary.items():
+        print(f"{key}: {value}")
 
 
 if __name__ == "__main__":
