@@ -22,6 +22,7 @@ setuptools.setup(
         "tensorflow",
         "tensorflow-datasets",
         "seqio",
+        "tensorflow-text",
         "pillow",
         "matplotlib",
         "tqdm",
@@ -41,7 +42,11 @@ setuptools.setup(
     },
     entry_points={
         "console_scripts": [
+            "flamingo-train=flamingo_jax.train:run",
             "flamingo-inspect=flamingo_jax.inspect:run",
+            "flamingo-prepare=data_pipelines.prepare:main",
+            "flamingo-train-tokenizer=data_pipelines.train_tokenizer:main",
+            "flamingo-synthetic-data=data_pipelines.synthetic:main",
         ],
     },
 )

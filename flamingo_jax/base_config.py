@@ -92,6 +92,17 @@ def get_config() -> ml_collections.ConfigDict:
     # Consecutive non-finite losses after which the run stops with an error.
     config.train.max_consecutive_skips = 10
 
+    config.train.microbatches = 1  # gradient accumulation steps per dataset batch
+
+    config.checkpoint = ml_collections.ConfigDict(dict(save_every=1000, keep=3))
+
+    # ---- Input (SPEC §4) ----------------------------------------------------------------
+    # Tasks of the seqio mixture: {name: {kind, source, path, batch_size, ...}} with the
+    # fields of data_pipelines.tasks.TaskConfig; λ_m comes from train.task_weights.
+    config.data = ml_collections.ConfigDict(
+        dict(tokenizer="", mode="per_task", tasks=ml_collections.ConfigDict())
+    )
+
     config.optimizer = ml_collections.ConfigDict(
         dict(lr=1e-4, warmup_steps=5000, schedule="constant", end_lr_fraction=0.0,
              b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.1, grad_clip_norm=1.0,

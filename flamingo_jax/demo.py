@@ -17,8 +17,6 @@ from experiments import demo as demo_experiment
 from flamingo_jax.inspect import inspect_config
 from flamingo_jax.models.flamingo import build_flamingo
 
-_WORKDIR = flags.DEFINE_string("workdir", "workdirs/demo", "Where the demo writes its outputs.")
-
 
 def synthetic_batch(config, seed: int = 0) -> dict[str, np.ndarray]:
     """Random interleaved rows: BOS, then per media an `<image>` token and some text."""
@@ -26,7 +24,7 @@ def synthetic_batch(config, seed: int = 0) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     b, length, n = inp.batch_size, inp.text_length, inp.num_media
     tokens = rng.integers(3, config.model.lm.vocab_size, size=(b, length)).astype(np.int32)
-    tokens[:, 0] = 1
+    tokens[:, 0] = 3  # BOS of our SentencePiece models
     media_mask = np.zeros((b, n), np.int32)
     for i in range(b):
         count = rng.integers(1, n + 1)
@@ -37,10 +35,9 @@ def synthetic_batch(config, seed: int = 0) -> dict[str, np.ndarray]:
     return {"tokens": tokens, "images": images.astype(np.float32), "media_mask": media_mask}
 
 
-def main(argv):
-    del argv
+def demo(workdir: str) -> None:
     config = demo_experiment.get_config()
-    os.makedirs(_WORKDIR.value, exist_ok=True)
+    os.makedirs(workdir, exist_ok=True)
     report = inspect_config(config)
     print("parameters per component:")
     for name, count in report["components"].items():
@@ -63,11 +60,12 @@ def main(argv):
         "max|flamingo - frozen LM| at init": max_diff,
         **{k: report[k] for k in ("total_params", "trainable_params", "frozen_params")},
     }
-    with open(os.path.join(_WORKDIR.value, "forward.json"), "w") as f:
+    with open(os.path.join(workdir, "forward.json"), "w") as f:
         json.dump(summary, f, indent=1)
     for key, value in summary.items():
         print(f"{key}: {value}")
 
 
 if __name__ == "__main__":
-    app.run(main)
+    _workdir = flags.DEFINE_string("workdir", "workdirs/demo", "Where the demo writes outputs.")
+    app.run(lambda argv: demo(_workdir.value))

@@ -16,14 +16,6 @@ from flamingo_jax import sharding
 from flamingo_jax.models.flamingo import abstract_params
 from flamingo_jax.trainable import path_str, trainable_mask
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.")
-_JSON = flags.DEFINE_bool("json", False, "Print one JSON object instead of a table.")
-_NUM_DEVICES = flags.DEFINE_integer(
-    "num_devices", None, "Devices to size the mesh for (default: config.mesh.num_devices, "
-    "else the devices of this process)."
-)
-
-
 def _component(path: str) -> str:
     top, _, rest = path.partition("/")
     if top == "lm" and rest.startswith("xattn_"):
@@ -78,14 +70,21 @@ def _table(report: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv):
-    del argv
-    report = inspect_config(_CONFIG.value, _NUM_DEVICES.value)
-    print(json.dumps(report) if _JSON.value else _table(report))
-
-
 def run():
+    """Console entry point (flags are defined here so that importing this module is free)."""
+    config = config_flags.DEFINE_config_file("config", None, "Experiment config file.")
+    as_json = flags.DEFINE_bool("json", False, "Print one JSON object instead of a table.")
+    num_devices = flags.DEFINE_integer(
+        "num_devices", None, "Devices to size the mesh for (default: config.mesh.num_devices, "
+        "else the devices of this process)."
+    )
     flags.mark_flag_as_required("config")
+
+    def main(argv):
+        del argv
+        report = inspect_config(config.value, num_devices.value)
+        print(json.dumps(report) if as_json.value else _table(report))
+
     app.run(main)
 
 

@@ -93,7 +93,7 @@ def train_step(
         metrics[f"loss/{name}"] = loss
         metrics[f"tokens/{name}"] = weight_sum
 
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(total_loss) & jnp.isfinite(grad_norm)
     updates, new_opt_state = tx.update(grads, state.opt_state, state.trainable)
     new_trainable = optax.apply_updates(state.trainable, updates)

@@ -73,8 +73,16 @@ class Trainer:
     def shard_batches(self, host_batches: Mapping[str, Mapping[str, np.ndarray]]) -> dict:
         """Global arrays [K, B, ...] sharded over data×fsdp on the batch axis, from this
         process's part of the batch (the whole batch in a single-process job)."""
+        shards = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
         out = {}
         for task, batch in host_batches.items():
+            global_batch = batch["tokens"].shape[1] * jax.process_count()
+            if global_batch % shards:
+                raise ValueError(
+                    f"task {task!r}: a (micro)batch of {global_batch} examples does not split "
+                    f"over data×fsdp = {shards} devices; make batch_size / microbatches a "
+                    f"multiple of {shards}"
+                )
             out[task] = {
                 k: jax.make_array_from_process_local_data(
                     self.batch_sharding(np.ndim(v) - 2), np.asarray(v)

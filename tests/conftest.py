@@ -14,3 +14,12 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402,F401  (import order: torch/torchvision before tensorflow)
 import torchvision  # noqa: E402,F401
+
+import tempfile  # noqa: E402
+
+import jax  # noqa: E402
+
+# Identical programs compiled by several tests (or a resumed run) compile once per session.
+jax.config.update("jax_compilation_cache_dir", tempfile.mkdtemp(prefix="jax_cache_"))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
