@@ -12,37 +12,13 @@ import jax
 import numpy as np
 import seqio
 
-DEFAULT_BATCH_AXES = ("data", "fsdp")
+from flamingo_jax.sharding import BATCH_AXES as DEFAULT_BATCH_AXES
+from flamingo_jax.sharding import batch_sharding, make_global_batch  # noqa: F401 (re-exported)
 
 
 def host_shard_info() -> seqio.ShardInfo:
     """This process's shard of every dataset."""
     return seqio.ShardInfo(index=jax.process_index(), num_shards=jax.process_count())
-
-
-def batch_sharding(mesh: jax.sharding.Mesh, ndim: int,
-                   batch_axes: Sequence[str] = DEFAULT_BATCH_AXES) -> jax.sharding.NamedSharding:
-    """Splits dim 0 over the batch axes present in `mesh`; other dims replicated."""
-    axes = tuple(a for a in batch_axes if a in mesh.axis_names)
-    spec = jax.sharding.PartitionSpec(axes if axes else None, *([None] * (ndim - 1)))
-    return jax.sharding.NamedSharding(mesh, spec)
-
-
-def make_global_batch(local_batch: Mapping[str, np.ndarray], mesh: jax.sharding.Mesh,
-                      batch_axes: Sequence[str] = DEFAULT_BATCH_AXES) -> dict[str, jax.Array]:
-    """{feature: [B_local, ...] numpy} -> {feature: [B_local * process_count, ...] jax.Array}.
-
-    Non-numeric features (e.g. string keys) are left out.
-    """
-    out = {}
-    for name, value in local_batch.items():
-        value = np.asarray(value)
-        if value.dtype.kind not in "biuf":
-            continue
-        sharding = batch_sharding(mesh, value.ndim, batch_axes)
-        global_shape = (value.shape[0] * jax.process_count(),) + value.shape[1:]
-        out[name] = jax.make_array_from_process_local_data(sharding, value, global_shape)
-    return out
 
 
 class GlobalBatchIterator:

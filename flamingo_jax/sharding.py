@@ -6,7 +6,7 @@ PartitionSpecs and per-device byte counts, without allocating anything.
 """
 
 import math
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import flax.linen as nn
 import jax
@@ -14,6 +14,7 @@ import numpy as np
 from jax.sharding import Mesh, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")  # the batch dimension is split over these
 
 
 def mesh_shape(mesh_config, num_devices: int) -> tuple[int, int, int]:
@@ -96,3 +97,34 @@ def bytes_per_device(
         math.prod(shard_shape(x.shape, s, sizes)) * b
         for x, s, b in zip(leaves, spec_leaves, byte_leaves, strict=True)
     )
+
+
+def batch_sharding(mesh: jax.sharding.Mesh, ndim: int,
+                   batch_axes: Sequence[str] = BATCH_AXES,
+                   batch_dim: int = 0) -> jax.sharding.NamedSharding:
+    """Splits dim `batch_dim` over the batch axes present in `mesh`; other dims replicated."""
+    axes = tuple(a for a in batch_axes if a in mesh.axis_names)
+    spec = [None] * ndim
+    spec[batch_dim] = axes if axes else None
+    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec))
+
+
+def make_global_batch(local_batch: Mapping[str, np.ndarray], mesh: jax.sharding.Mesh,
+                      batch_axes: Sequence[str] = BATCH_AXES,
+                      batch_dim: int = 0) -> dict[str, jax.Array]:
+    """{feature: [B_local, ...] numpy} -> {feature: [B_local * process_count, ...] jax.Array}.
+
+    `batch_dim` is 1 for microbatched features [K, B_local, ...]. Non-numeric features
+    (e.g. string keys) are left out.
+    """
+    out = {}
+    for name, value in local_batch.items():
+        value = np.asarray(value)
+        if value.dtype.kind not in "biuf":
+            continue
+        sharding = batch_sharding(mesh, value.ndim, batch_axes, batch_dim)
+        global_shape = list(value.shape)
+        global_shape[batch_dim] *= jax.process_count()
+        global_shape = tuple(global_shape)
+        out[name] = jax.make_array_from_process_local_data(sharding, value, global_shape)
+    return out

@@ -14,16 +14,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 
 from flamingo_jax import sharding
 from flamingo_jax.models.flamingo import abstract_params, build_flamingo, dummy_inputs
 from flamingo_jax.optimizer import make_optimizer
 from flamingo_jax.train_state import TrainState, make_state_init, split_params
 from flamingo_jax.train_step import train_step
-
-BATCH_AXES = ("data", "fsdp")
-
 
 class Trainer:
     def __init__(
@@ -65,11 +62,6 @@ class Trainer:
         """A fresh train state, created directly in its shardings."""
         return self._init()
 
-    def batch_sharding(self, ndim_after_batch: int, microbatched: bool = True) -> NamedSharding:
-        lead = (None,) if microbatched else ()
-        return NamedSharding(self.mesh, PartitionSpec(*lead, BATCH_AXES,
-                                                      *([None] * ndim_after_batch)))
-
     def shard_batches(self, host_batches: Mapping[str, Mapping[str, np.ndarray]]) -> dict:
         """Global arrays [K, B, ...] sharded over data×fsdp on the batch axis, from this
         process's part of the batch (the whole batch in a single-process job)."""
@@ -83,12 +75,7 @@ class Trainer:
                     f"over data×fsdp = {shards} devices; make batch_size / microbatches a "
                     f"multiple of {shards}"
                 )
-            out[task] = {
-                k: jax.make_array_from_process_local_data(
-                    self.batch_sharding(np.ndim(v) - 2), np.asarray(v)
-                )
-                for k, v in batch.items()
-            }
+            out[task] = sharding.make_global_batch(batch, self.mesh, batch_dim=1)
         return out
 
     def step(self, state: TrainState, batches) -> tuple[TrainState, dict[str, Any]]:
