@@ -13,7 +13,6 @@ does not decode (each dropped image yields its own flagged record, and the docum
 its other images), a document with no text or no image left.
 """
 
-import glob
 import json
 import os
 from typing import Iterator, Optional
@@ -23,13 +22,8 @@ from data_pipelines import record_schema
 
 
 def list_shards(pattern_or_dir: str) -> list[str]:
-    """Sorted jsonl shards: a directory (all *.jsonl in it) or a glob pattern."""
-    if os.path.isdir(pattern_or_dir):
-        pattern_or_dir = os.path.join(pattern_or_dir, "*.jsonl")
-    shards = sorted(glob.glob(pattern_or_dir))
-    if not shards:
-        raise FileNotFoundError(f"No MMC4 jsonl shards match {pattern_or_dir!r}.")
-    return shards
+    """Sorted MMC4 jsonl shards: a directory (all *.jsonl in it) or a glob pattern."""
+    return record_schema.list_raw_shards(pattern_or_dir, "jsonl", "MMC4 jsonl shards")
 
 
 def read_shard(path: str, images_dir: Optional[str] = None) -> Iterator[dict]:

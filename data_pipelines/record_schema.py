@@ -14,6 +14,8 @@ plus `bad`: "" for a good record, else a reason from `bad_input.REASONS` (the pa
 a flagged record is a placeholder that is never trained on).
 """
 
+import glob
+import os
 from typing import Any, Mapping
 
 import tensorflow as tf
@@ -33,6 +35,17 @@ _FIELDS = {
     VIDEO: {"key": (tf.string, False), "captions": (tf.string, True),
             "frames": (tf.string, True), "bad": (tf.string, False)},
 }
+
+
+def list_raw_shards(pattern_or_dir: str, extension: str, what: str) -> list[str]:
+    """Sorted raw shard files: every `*.{extension}` of a directory, or a glob pattern.
+    Raises FileNotFoundError naming `what` (e.g. "MMC4 jsonl shards") when none match."""
+    if os.path.isdir(pattern_or_dir):
+        pattern_or_dir = os.path.join(pattern_or_dir, f"*.{extension}")
+    shards = sorted(glob.glob(pattern_or_dir))
+    if not shards:
+        raise FileNotFoundError(f"No {what} match {pattern_or_dir!r}.")
+    return shards
 
 
 def check_kind(kind: str) -> None:

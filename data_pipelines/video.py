@@ -12,7 +12,6 @@ are flagged (see `bad_input`): missing files, undecodable frames, a non-uint8 or
 mis-shaped array (`wrong_dtype`), empty or non-UTF-8 captions, malformed lines.
 """
 
-import glob
 import io
 import json
 import os
@@ -28,12 +27,8 @@ _FRAME_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 
 
 def list_shards(pattern_or_dir: str) -> list[str]:
-    if os.path.isdir(pattern_or_dir):
-        pattern_or_dir = os.path.join(pattern_or_dir, "*.jsonl")
-    shards = sorted(glob.glob(pattern_or_dir))
-    if not shards:
-        raise FileNotFoundError(f"No video index jsonl files match {pattern_or_dir!r}.")
-    return shards
+    """Sorted video index jsonl files: a directory (all *.jsonl in it) or a glob pattern."""
+    return record_schema.list_raw_shards(pattern_or_dir, "jsonl", "video index jsonl files")
 
 
 def encode_png(frame: np.ndarray) -> bytes:

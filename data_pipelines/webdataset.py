@@ -8,7 +8,6 @@ non-UTF-8 text, and a tar cut short (inside a member, or missing its end-of-arch
 blocks); a truncated tar yields the samples before the cut and one `truncated_file` flag.
 """
 
-import glob
 import json
 import os
 import tarfile
@@ -21,12 +20,8 @@ IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif")
 
 
 def list_shards(pattern_or_dir: str) -> list[str]:
-    if os.path.isdir(pattern_or_dir):
-        pattern_or_dir = os.path.join(pattern_or_dir, "*.tar")
-    shards = sorted(glob.glob(pattern_or_dir))
-    if not shards:
-        raise FileNotFoundError(f"No WebDataset tar shards match {pattern_or_dir!r}.")
-    return shards
+    """Sorted WebDataset tar shards: a directory (all *.tar in it) or a glob pattern."""
+    return record_schema.list_raw_shards(pattern_or_dir, "tar", "WebDataset tar shards")
 
 
 def _split_name(name: str) -> tuple[str, str]:
