@@ -57,14 +57,13 @@ def _files_for_host(files: Sequence[str], shard_info: Optional[seqio.ShardInfo])
     return files[shard_info.index::shard_info.num_shards]
 
 
-class RecordFileSource(seqio.DataSource):
-    """Prepared TFRecord shards of one kind: `split_patterns[split]` is a glob."""
+class _KindSource(seqio.DataSource):
+    """A DataSource of one record kind whose shards are files, listed per split."""
 
-    def __init__(self, kind: str, split_patterns: Mapping[str, str]):
+    def __init__(self, kind: str, splits: Sequence[str]):
         record_schema.check_kind(kind)
         self._kind = kind
-        self._patterns = dict(split_patterns)
-        super().__init__(splits=tuple(self._patterns), caching_permitted=False)
+        super().__init__(splits=tuple(splits), caching_permitted=False)
 
     @property
     def kind(self) -> str:
@@ -74,9 +73,20 @@ class RecordFileSource(seqio.DataSource):
     def supports_arbitrary_sharding(self) -> bool:
         return False
 
+    def _check_split(self, split: str, known) -> None:
+        if split not in known:
+            raise ValueError(f"Split {split!r} unknown; this source has {sorted(known)}.")
+
+
+class RecordFileSource(_KindSource):
+    """Prepared TFRecord shards of one kind: `split_patterns[split]` is a glob."""
+
+    def __init__(self, kind: str, split_patterns: Mapping[str, str]):
+        self._patterns = dict(split_patterns)
+        super().__init__(kind, self._patterns)
+
     def list_shards(self, split: str) -> Sequence[str]:
-        if split not in self._patterns:
-            raise ValueError(f"Split {split!r} unknown; this source has {sorted(self._patterns)}.")
+        self._check_split(split, self._patterns)
         files = sorted(tf.io.gfile.glob(self._patterns[split]))
         if not files:
             raise FileNotFoundError(
@@ -121,30 +131,18 @@ def _as_arrays(kind: str, record: dict) -> dict:
     return out
 
 
-class ReaderSource(seqio.DataSource):
+class ReaderSource(_KindSource):
     """Raw files of one kind read by `read_shard(path) -> Iterator[record]`."""
 
     def __init__(self, kind: str, split_shards: Mapping[str, Callable[[], Sequence[str]]],
                  read_shard: Callable[[str], Iterator[dict]], cycle_length: int = 4):
-        record_schema.check_kind(kind)
-        self._kind = kind
         self._split_shards = dict(split_shards)
         self._read_shard = read_shard
         self._cycle_length = cycle_length
-        super().__init__(splits=tuple(self._split_shards), caching_permitted=False)
-
-    @property
-    def kind(self) -> str:
-        return self._kind
-
-    @property
-    def supports_arbitrary_sharding(self) -> bool:
-        return False
+        super().__init__(kind, self._split_shards)
 
     def list_shards(self, split: str) -> Sequence[str]:
-        if split not in self._split_shards:
-            raise ValueError(f"Split {split!r} unknown; this source has "
-                             f"{sorted(self._split_shards)}.")
+        self._check_split(split, self._split_shards)
         return list(self._split_shards[split]())
 
     def get_dataset(self, split: str = "train", shuffle: bool = True, seed: Optional[int] = None,
