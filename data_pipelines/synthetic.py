@@ -18,6 +18,7 @@ item does not depend on how many items are written or on the shard count.
 """
 
 import argparse
+import contextlib
 import io
 import json
 import os
@@ -62,6 +63,15 @@ def _shard_paths(out_dir: str, stem: str, ext: str, num_shards: int) -> list[str
             for k in range(num_shards)]
 
 
+@contextlib.contextmanager
+def _jsonl_shards(paths: Sequence[str]):
+    """Yields `write(index, record)`, which appends record `index` as JSON to shard
+    index % len(paths) (round-robin); every shard is closed on exit."""
+    with contextlib.ExitStack() as stack:
+        files = [stack.enter_context(open(p, "w", encoding="utf-8")) for p in paths]
+        yield lambda index, record: files[index % len(files)].write(json.dumps(record) + "\n")
+
+
 def mmc4_document(seed: int, index: int, image_size: int, max_images: int = 7):
     """Returns (text_list, [(image_pixels, matched_text_index)], scenes) of document `index`."""
     rng = _rng(seed, _MMC4, index)
@@ -80,8 +90,7 @@ def write_mmc4(out_dir: str, num_docs: int, seed: int = 0, image_size: int = 64,
     images_dir = os.path.join(out_dir, "images")
     os.makedirs(images_dir, exist_ok=True)
     paths = _shard_paths(out_dir, "docs", "jsonl", num_shards)
-    files = [open(p, "w", encoding="utf-8") for p in paths]
-    try:
+    with _jsonl_shards(paths) as write:
         for i in range(num_docs):
             texts, images, _ = mmc4_document(seed, i, image_size, max_images)
             infos = []
@@ -91,11 +100,7 @@ def write_mmc4(out_dir: str, num_docs: int, seed: int = 0, image_size: int = 64,
                     f.write(encode_image(pixels, image_format))
                 infos.append({"image_name": image_name, "raw_url": f"synthetic://doc{i}/{j}",
                               "matched_text_index": text_index, "matched_sim": 0.3})
-            doc = {"url": f"synthetic://doc{i}", "text_list": texts, "image_info": infos}
-            files[i % num_shards].write(json.dumps(doc) + "\n")
-    finally:
-        for f in files:
-            f.close()
+            write(i, {"url": f"synthetic://doc{i}", "text_list": texts, "image_info": infos})
     return paths
 
 
@@ -148,8 +153,7 @@ def write_video(out_dir: str, num_clips: int, seed: int = 0, image_size: int = 6
     clips_dir = os.path.join(out_dir, "clips")
     os.makedirs(clips_dir, exist_ok=True)
     paths = _shard_paths(out_dir, "clips", "jsonl", num_shards)
-    files = [open(p, "w", encoding="utf-8") for p in paths]
-    try:
+    with _jsonl_shards(paths) as write:
         for i in range(num_clips):
             frames, text, _ = video_clip(seed, i, image_size, num_frames)
             key = f"clip{i:06d}"
@@ -163,10 +167,7 @@ def write_video(out_dir: str, num_clips: int, seed: int = 0, image_size: int = 6
             else:
                 np.save(os.path.join(clips_dir, f"{key}.npy"), frames)
                 entry["array"] = f"clips/{key}.npy"
-            files[i % num_shards].write(json.dumps(entry) + "\n")
-    finally:
-        for f in files:
-            f.close()
+            write(i, entry)
     return paths
 
 
