@@ -125,6 +125,38 @@ class Flamingo(nn.Module):
         )  # [B, L, N]
         return self.lm(tokens, latents, xattn_mask)
 
+    # ---- Decoding hooks (flamingo_jax/decoding.py) -----------------------------------------
+
+    def prefill(
+        self,
+        tokens: jax.Array,  # [B, L] int, prompts
+        positions: jax.Array,  # [B, L] int, each token's position and cache slot
+        cache: dict,  # LanguageModel.init_cache(B, M)
+        images: jax.Array | None = None,  # [B, N, T, H, W, C]
+        vision_features: jax.Array | None = None,  # [B, N, T, S, d]
+        media_mask: jax.Array | None = None,  # [B, N]
+    ) -> tuple[jax.Array, dict, jax.Array]:  # logits [B, L, V + E], cache, xattn mask [B, L, N]
+        """Runs the vision encoder and resampler once, fills the cache with the prompt's
+        self-attention keys/values and the gated layers' media keys/values, and returns
+        the cross-attention mask so later tokens can continue each row's media index φ."""
+        n = (images if images is not None else vision_features).shape[1]
+        latents = self.encode_media(images, vision_features)  # [B, N, R, D]
+        xattn_mask = media_attention_mask(
+            tokens, self.image_token_id, n, media_mask,
+            attend_all_previous=self.media_attention == "all_previous",
+        )
+        logits, cache = self.lm(tokens, latents, xattn_mask, positions, cache=cache)
+        return logits, cache, xattn_mask
+
+    def decode_step(
+        self,
+        tokens: jax.Array,  # [B, 1] int, the newest token of each row
+        positions: jax.Array,  # [B, 1] int
+        xattn_mask: jax.Array,  # [B, 1, N] bool, media the new token attends to
+        cache: dict,  # from prefill or the previous step
+    ) -> tuple[jax.Array, dict]:  # logits [B, 1, V + E], new cache
+        return self.lm(tokens, None, xattn_mask, positions, cache=cache)
+
 
 def _dtype(name: str) -> jnp.dtype:
     return jnp.dtype(name)

@@ -8,6 +8,8 @@ equal the frozen LM's. Which media a text token sees is given by a [B, L, N] mas
 by `media_attention_mask` from the `<image>` token positions.
 """
 
+from typing import Mapping
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -76,10 +78,13 @@ class GatedCrossAttentionDense(nn.Module):
     def __call__(
         self,
         y: jax.Array,  # [B, L, D]
-        media: jax.Array,  # [B, N, R, Dm]
+        media: jax.Array | None,  # [B, N, R, Dm]; None when `cache` holds its keys/values
         mask: jax.Array,  # [B, L, N] bool
-    ) -> jax.Array:  # [B, L, D]
-        b, n, r, dm = media.shape
+        cache: Mapping[str, jax.Array] | None = None,  # decoding: {} or {"k", "v"}
+    ) -> jax.Array | tuple[jax.Array, dict[str, jax.Array]]:  # [B, L, D] (, cache)
+        """With `cache` (decoding) the media keys/values [B, N·R, H, Dh] are taken from it
+        when present, else computed from `media`, and returned for the next call."""
+        n = mask.shape[-1]
         d = y.shape[-1]
         def dense(features, axes, name, num_input_axes=1):
             return Projection(features, axes, num_input_axes, dtype=self.dtype,
@@ -87,9 +92,14 @@ class GatedCrossAttentionDense(nn.Module):
 
         heads = (self.num_heads, self.head_dim)
         q = dense(heads, ("embed", "heads", "kv"), "q")(LayerNorm(dtype=self.dtype, name="norm_q")(y))
-        kv_in = LayerNorm(dtype=self.dtype, name="norm_kv")(media).reshape(b, n * r, dm)
-        k = dense(heads, ("embed", "heads", "kv"), "k")(kv_in)  # [B, N·R, H, Dh]
-        v = dense(heads, ("embed", "heads", "kv"), "v")(kv_in)
+        if cache:
+            k, v = cache["k"], cache["v"]
+        else:
+            b, _, r, dm = media.shape
+            kv_in = LayerNorm(dtype=self.dtype, name="norm_kv")(media).reshape(b, n * r, dm)
+            k = dense(heads, ("embed", "heads", "kv"), "k")(kv_in)  # [B, N·R, H, Dh]
+            v = dense(heads, ("embed", "heads", "kv"), "v")(kv_in)
+        r = k.shape[1] // n
         q = nn.with_logical_constraint(q, ("batch", "length", "heads", "kv"))
         key_mask = jnp.repeat(mask, r, axis=-1)[:, None, :, :]  # [B, 1, L, N·R]
         attn = dot_product_attention(q, k, v, key_mask)  # [B, L, H, Dh]
@@ -103,4 +113,5 @@ class GatedCrossAttentionDense(nn.Module):
             name="ffw",
         )(ffw_in)
         y = y + self._gate("alpha_dense") * ffw
-        return nn.with_logical_constraint(y, ("batch", "length", "embed"))
+        y = nn.with_logical_constraint(y, ("batch", "length", "embed"))
+        return y if cache is None else (y, {"k": k, "v": v})

@@ -16,6 +16,12 @@ Parameter tree:
               [H, Dh, D], mlp_norm/scale, mlp/{gate,up}/kernel [D, F], mlp/down/kernel [F, D]
     xattn_{i}/... (gated_xattn.GatedCrossAttentionDense)
     final_norm/scale; head/kernel [D, V] and extra_head/kernel [D, E] unless tied.
+
+Decoding (flamingo_jax/decoding.py) passes a key/value `cache` (see `init_cache`): each
+self-attention writes its new keys/values at the tokens' positions into a fixed-size
+[B, M, G, Dh] buffer and attends to the buffer's positions at or before each query; each
+gated layer computes its media keys/values once (prefill) and reuses them every step.
+Without a cache the forward pass is the training one.
 """
 
 from typing import Any, Mapping
@@ -88,7 +94,12 @@ class SelfAttention(nn.Module):
     param_dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, positions: jax.Array) -> jax.Array:  # [B, L, D]
+    def __call__(
+        self,
+        x: jax.Array,  # [B, L, D]
+        positions: jax.Array,  # [B, L]
+        cache: Mapping[str, jax.Array] | None = None,  # {"k", "v"}: [B, M, G, Dh]
+    ) -> jax.Array | tuple[jax.Array, dict[str, jax.Array]]:  # [B, L, D] (, new cache)
         def proj(heads, axes, name):
             return Projection(
                 (heads, self.head_dim), ("embed",) + axes, use_bias=self.qkv_bias,
@@ -102,14 +113,38 @@ class SelfAttention(nn.Module):
         q = apply_rope(q, positions, self.rope_theta)
         k = apply_rope(k, positions, self.rope_theta)
         q = nn.with_logical_constraint(q, ("batch", "length", "heads", "kv"))
-        length = x.shape[1]
-        causal = jnp.tril(jnp.ones((length, length), bool))[None, None]  # [1, 1, L, L]
-        out = dot_product_attention(q, k, v, causal)
-        return Projection(
+        if cache is None:
+            length = x.shape[1]
+            mask = jnp.tril(jnp.ones((length, length), bool))[None, None]  # [1, 1, L, L]
+        else:
+            cache, mask = write_kv_cache(cache, k, v, positions)
+            k, v = cache["k"], cache["v"]  # [B, M, G, Dh]
+        out = dot_product_attention(q, k, v, mask)
+        out = Projection(
             (x.shape[-1],), ("heads", "kv", "embed"), num_input_axes=2,
             kernel_init=nn.initializers.normal(stddev=0.02), dtype=self.dtype,
             param_dtype=self.param_dtype, name="o",
         )(out)
+        return out if cache is None else (out, cache)
+
+
+def write_kv_cache(
+    cache: Mapping[str, jax.Array],  # {"k", "v"}: [B, M, G, Dh]
+    k: jax.Array,  # [B, L, G, Dh]
+    v: jax.Array,  # [B, L, G, Dh]
+    positions: jax.Array,  # [B, L] int, each row's slots in the cache
+) -> tuple[dict[str, jax.Array], jax.Array]:  # new cache, mask [B, 1, L, M]
+    """Writes each token's key/value at the cache slot equal to its position, and masks
+    every slot after the query's position (causal; later slots hold padding or stale
+    entries that are overwritten before any query can see them)."""
+    rows = jnp.arange(k.shape[0])[:, None]  # [B, 1]
+    new = {
+        "k": cache["k"].at[rows, positions].set(k.astype(cache["k"].dtype)),
+        "v": cache["v"].at[rows, positions].set(v.astype(cache["v"].dtype)),
+    }
+    slots = jnp.arange(cache["k"].shape[1])
+    mask = slots[None, None, None, :] <= positions[:, None, :, None]  # [B, 1, L, M]
+    return new, mask
 
 
 class DecoderBlock(nn.Module):
@@ -126,16 +161,25 @@ class DecoderBlock(nn.Module):
     param_dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, positions: jax.Array) -> jax.Array:  # [B, L, D]
+    def __call__(
+        self,
+        x: jax.Array,  # [B, L, D]
+        positions: jax.Array,  # [B, L]
+        cache: Mapping[str, jax.Array] | None = None,  # self-attention {"k", "v"}
+    ) -> jax.Array | tuple[jax.Array, dict[str, jax.Array]]:  # [B, L, D] (, new cache)
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         h = RMSNorm(self.norm_eps, name="attn_norm", **kw)(x)
-        x = x + SelfAttention(
+        attn = SelfAttention(
             self.num_heads, self.num_kv_heads, self.head_dim, self.rope_theta, self.qkv_bias,
             name="attn", **kw,
-        )(h, positions)
+        )(h, positions, cache)
+        if cache is not None:
+            attn, cache = attn
+        x = x + attn
         h = RMSNorm(self.norm_eps, name="mlp_norm", **kw)(x)
         x = x + SwiGLUFeedForward(self.mlp_dim, name="mlp", **kw)(h)
-        return nn.with_logical_constraint(x, ("batch", "length", "embed"))
+        x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+        return x if cache is None else (x, cache)
 
 
 class LanguageModel(nn.Module):
@@ -169,6 +213,18 @@ class LanguageModel(nn.Module):
             raise ValueError(f"xattn.every={self.xattn_every}; must be >= 1")
         return [i for i in range(self.num_layers) if i % self.xattn_every == 0]
 
+    def init_cache(
+        self, batch_size: int, length: int
+    ) -> dict[str, dict[str, jax.Array]]:  # layers_{i}: {"k", "v"} [B, M, G, Dh] zeros
+        """An empty self-attention key/value cache of `length` slots for decoding; the
+        gated layers' media keys/values are added by the first (prefill) call."""
+        head_dim = self.head_dim or self.dim // self.num_heads
+        shape = (batch_size, length, self.num_kv_heads, head_dim)
+        return {
+            f"layers_{i}": {"k": jnp.zeros(shape, self.dtype), "v": jnp.zeros(shape, self.dtype)}
+            for i in range(self.num_layers)
+        }
+
     @nn.compact
     def __call__(
         self,
@@ -176,13 +232,20 @@ class LanguageModel(nn.Module):
         media: jax.Array | None = None,  # [B, N, R, Dm] media latents
         media_mask: jax.Array | None = None,  # [B, L, N] bool: token → media it attends to
         positions: jax.Array | None = None,  # [B, L]
-    ) -> jax.Array:  # [B, L, V + E] float32 logits
+        cache: Mapping[str, Mapping[str, jax.Array]] | None = None,  # from init_cache
+    ) -> jax.Array | tuple[jax.Array, dict]:  # [B, L, V + E] float32 logits (, new cache)
+        """With `cache` (decoding), tokens are written at their `positions` (required) and
+        the call returns (logits, new cache); media may then be None when the cache
+        already holds the gated layers' media keys/values."""
         if self.remat_policy not in REMAT_POLICIES:
             raise ValueError(
                 f"remat_policy={self.remat_policy!r}; allowed: {sorted(REMAT_POLICIES)}"
             )
-        if (media is None) != (media_mask is None):
+        cached_media = cache is not None and any(name.startswith("xattn_") for name in cache)
+        if (media is None and not cached_media) != (media_mask is None):
             raise ValueError("media and media_mask must be given together")
+        if cache is not None and positions is None:
+            raise ValueError("decoding with a cache needs the tokens' positions [B, L]")
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
@@ -195,15 +258,28 @@ class LanguageModel(nn.Module):
             policy = REMAT_POLICIES[self.remat_policy]
             block_cls = nn.remat(DecoderBlock, policy=policy)
             xattn_cls = nn.remat(GatedCrossAttentionDense, policy=policy)
-        xattn_at = set(self.xattn_layer_indices()) if media is not None else set()
+        if cache is not None:  # decoding: no gradients, so nothing to rematerialize
+            block_cls, xattn_cls = DecoderBlock, GatedCrossAttentionDense
+        xattn_at = set(self.xattn_layer_indices()) if media_mask is not None else set()
         head_dim = self.head_dim or self.dim // self.num_heads
+        new_cache = {}
         for i in range(self.num_layers):
             if i in xattn_at:
-                x = xattn_cls(**(self.xattn or {}), name=f"xattn_{i}", **kw)(x, media, media_mask)
-            x = block_cls(
+                xattn = xattn_cls(**(self.xattn or {}), name=f"xattn_{i}", **kw)
+                if cache is None:
+                    x = xattn(x, media, media_mask)
+                else:
+                    x, new_cache[f"xattn_{i}"] = xattn(
+                        x, media, media_mask, cache=cache.get(f"xattn_{i}", {})
+                    )
+            block = block_cls(
                 self.num_heads, self.num_kv_heads, head_dim, self.mlp_dim, self.rope_theta,
                 self.norm_eps, self.qkv_bias, name=f"layers_{i}", **kw,
-            )(x, positions)
+            )
+            if cache is None:
+                x = block(x, positions)
+            else:
+                x, new_cache[f"layers_{i}"] = block(x, positions, cache[f"layers_{i}"])
         x = RMSNorm(self.norm_eps, name="final_norm", **kw)(x)
         if self.tie_embeddings:
             logits = embedder.decode(x)
@@ -218,4 +294,5 @@ class LanguageModel(nn.Module):
             )(x)
             logits = jnp.concatenate([head, extra], axis=-1)
         logits = nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
-        return logits.astype(jnp.float32)
+        logits = logits.astype(jnp.float32)
+        return logits if cache is None else (logits, new_cache)
