@@ -12,11 +12,12 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from flamingo_jax import sharding
-from flamingo_jax.models.flamingo import abstract_params
+from flamingo_jax import model_kinds, sharding
 from flamingo_jax.trainable import path_str, trainable_mask
 
-def _component(path: str) -> str:
+def _component(path: str, kind: str) -> str:
+    if kind == "lm":  # the text-only LM's parameters carry no `lm/` prefix
+        return "lm"
     top, _, rest = path.partition("/")
     if top == "lm" and rest.startswith("xattn_"):
         return "xattn"
@@ -25,7 +26,8 @@ def _component(path: str) -> str:
 
 def inspect_config(config, num_devices: int | None = None) -> dict:
     """Counts and bytes for `config`; the JSON object of `flamingo-inspect --json`."""
-    boxed = abstract_params(config)
+    kind = model_kinds.get(config.model.kind)
+    boxed = model_kinds.abstract_params(kind, config, kind.build(config.model))
     shapes = nn.unbox(boxed)
     mask = trainable_mask(shapes, config.train.trainable)
     components: dict[str, int] = {}
@@ -36,7 +38,7 @@ def inspect_config(config, num_devices: int | None = None) -> dict:
         size = math.prod(x.shape)
         total += size
         trainable += size * bool(is_trainable)
-        name = _component(path_str(path))
+        name = _component(path_str(path), kind.name)
         components[name] = components.get(name, 0) + size
 
     num_devices = num_devices or config.mesh.num_devices or jax.device_count()

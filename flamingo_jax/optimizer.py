@@ -1,9 +1,11 @@
 """AdamW with the paper's schedule and weight-decay exemptions (SPEC §5).
 
 Learning rate: linear warmup to `lr` over `warmup_steps`, then constant (paper) or cosine
-decay to `end_lr_fraction · lr` at `num_steps`. Global-norm clipping before AdamW. Weight
-decay applies to trainable parameters except those matched by `no_weight_decay` regexes
-(the paper exempts the resampler and the embeddings).
+decay to `end_lr_fraction · lr` at `num_steps`. Global-norm clipping before AdamW (or,
+for NFNet pretraining, adaptive gradient clipping on some parameters and global-norm
+clipping on others: `gradient_clipping`). Weight decay applies to trainable parameters
+except those matched by `no_weight_decay` regexes (the paper exempts the resampler and the
+embeddings).
 """
 
 import re
@@ -33,11 +35,53 @@ def weight_decay_mask(paths: list[str], patterns) -> dict[str, bool]:
     return {p: not any(c.search(p) for c in compiled) for p in paths}
 
 
+def _matching(paths: list[str], patterns, key: str) -> set[str]:
+    try:
+        compiled = [re.compile(p) for p in patterns]
+    except re.error as e:
+        raise ValueError(f"optimizer.{key} has an invalid regex: {e}") from e
+    matched = {p for p in paths if any(c.search(p) for c in compiled)}
+    if not matched:
+        raise ValueError(f"optimizer.{key}={tuple(patterns)} matches no trainable parameter "
+                         f"(e.g. {sorted(paths)[:3]})")
+    return matched
+
+
+def clip_groups(opt_config, trainable_paths: list[str]) -> dict[str, str]:
+    """{path: 'agc' | 'global_norm' | 'none'}: adaptive clipping for `agc_params` (when
+    agc_clip > 0), global-norm clipping for the `grad_clip_params` not already under AGC,
+    none for the rest (e.g. the NFNet's final classifier / projection, which AGC exempts)."""
+    agc = set()
+    if opt_config.get("agc_clip", 0.0):
+        agc = _matching(trainable_paths, opt_config.agc_params, "agc_params")
+    global_norm = set(trainable_paths)
+    if opt_config.get("grad_clip_params") is not None:
+        global_norm = _matching(trainable_paths, opt_config.grad_clip_params, "grad_clip_params")
+    return {p: "agc" if p in agc else "global_norm" if p in global_norm else "none"
+            for p in trainable_paths}
+
+
+def gradient_clipping(opt_config, trainable_paths: list[str]) -> optax.GradientTransformation:
+    """Global-norm clipping of every gradient (Flamingo, SPEC §5), or, when the config sets
+    `agc_clip` / `grad_clip_params` (contrastive NFNet pretraining, SPEC §3.1), unit-wise
+    adaptive gradient clipping (λ = agc_clip, floor agc_eps) on the parameters matched by
+    `agc_params` and global-norm clipping, over their own norm, on `grad_clip_params`."""
+    if not opt_config.get("agc_clip", 0.0) and opt_config.get("grad_clip_params") is None:
+        return optax.clip_by_global_norm(opt_config.grad_clip_norm)
+    return optax.multi_transform(
+        {"agc": optax.adaptive_grad_clip(opt_config.get("agc_clip", 0.0),
+                                         eps=opt_config.get("agc_eps", 1e-3)),
+         "global_norm": optax.clip_by_global_norm(opt_config.grad_clip_norm),
+         "none": optax.identity()},
+        clip_groups(opt_config, trainable_paths),
+    )
+
+
 def make_optimizer(opt_config, num_steps: int, trainable_paths: list[str]):
     """optax transformation over a flat {path: array} dict of trainable parameters."""
     schedule = learning_rate_schedule(opt_config, num_steps)
     tx = optax.chain(
-        optax.clip_by_global_norm(opt_config.grad_clip_norm),
+        gradient_clipping(opt_config, trainable_paths),
         optax.adamw(
             schedule, b1=opt_config.b1, b2=opt_config.b2, eps=opt_config.eps,
             weight_decay=opt_config.weight_decay,
