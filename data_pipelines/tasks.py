@@ -9,9 +9,10 @@ the seqio.Mixture. Defaults per kind follow the paper:
     interleaved  256  5  1   0.5      M3W-like, MMC4 jsonl or prepared TFRecords
     pairs        32   1  1   0        ALIGN/LTIP-like, WebDataset tar, TFDS coco_captions
     video        32   1  8   0        VTP-like, frame files / arrays
+    text         256  0  1   0        text-only LM pretraining, text files (text_documents)
 
 Sources: "tfrecord" (prepared by flamingo-prepare; `path` is the directory, files
-`<split>-*.tfrecord`), "mmc4", "webdataset", "video" (raw files under `path`),
+`<split>-*.tfrecord`), "mmc4", "webdataset", "video", "text" (raw files under `path`),
 "tfds_coco" (TFDS coco_captions; `path` is an optional TFDS data_dir).
 """
 
@@ -28,17 +29,19 @@ from data_pipelines import mmc4
 from data_pipelines import preprocessors as prep
 from data_pipelines import record_schema
 from data_pipelines import sources
+from data_pipelines import text_documents
 from data_pipelines import tokenizer as tokenizer_lib
 from data_pipelines import video
 from data_pipelines import webdataset
 
-SOURCES = ("tfrecord", "mmc4", "webdataset", "video", "tfds_coco")
+SOURCES = ("tfrecord", "mmc4", "webdataset", "video", "tfds_coco", "text")
 _SOURCE_KIND = {"mmc4": "interleaved", "webdataset": "pairs", "video": "video",
-                "tfds_coco": "pairs"}
+                "tfds_coco": "pairs", "text": "text"}
 _DEFAULTS = {  # kind -> (text_length, max_media, num_frames, p_next)
     "interleaved": (256, 5, 1, 0.5),
     "pairs": (32, 1, 1, 0.0),
     "video": (32, 1, 8, 0.0),
+    "text": (256, 0, 1, 0.0),
 }
 
 
@@ -75,7 +78,10 @@ class TaskConfig:
         for field, value in defaults.items():
             if getattr(self, field) is None:
                 object.__setattr__(self, field, value)
-        if self.kind != "interleaved" and self.max_media != 1:
+        if self.kind == "text" and self.max_media != 0:
+            raise ValueError(f"Task {self.name!r}: text examples have no media, max_media "
+                             f"must be 0, got {self.max_media}.")
+        if self.kind in ("pairs", "video") and self.max_media != 1:
             raise ValueError(f"Task {self.name!r}: {self.kind} examples have one media item, "
                              f"max_media must be 1, got {self.max_media}.")
         if self.rate < 0:
@@ -106,7 +112,8 @@ def make_source(config: TaskConfig) -> seqio.DataSource:
             config.kind, {s: os.path.join(path, f"{s}-*.tfrecord*") for s in config.splits})
     if config.source == "tfds_coco":
         return coco_tfds.CocoCaptionsSource(tfds_data_dir=path or None)
-    reader = {"mmc4": mmc4, "webdataset": webdataset, "video": video}[config.source]
+    reader = {"mmc4": mmc4, "webdataset": webdataset, "video": video,
+              "text": text_documents}[config.source]
     # Raw directories hold one split; a config with several splits uses <path>/<split>/.
     if config.splits == ("train",):
         shards = {"train": functools.partial(reader.list_shards, path)}
@@ -117,6 +124,8 @@ def make_source(config: TaskConfig) -> seqio.DataSource:
 
 
 def make_preprocessors(config: TaskConfig, vocab: tokenizer_lib.FlamingoVocabulary) -> list:
+    if config.kind == "text":
+        return text_documents.make_preprocessors(config, vocab)
     train = config.train
     flip, colour = train and config.random_flip, train and config.colour_jitter
     steps = [prep.add_index_and_seed, functools.partial(prep.flag_bad_input, kind=config.kind)]

@@ -18,7 +18,19 @@ def get_config() -> ml_collections.ConfigDict:
 
     # ---- Model (SPEC §3) -------------------------------------------------------------
     config.model = model = ml_collections.ConfigDict()
+    # What the trainer builds (flamingo_jax/model_kinds.py): "flamingo", or "lm" for
+    # text-only pretraining of the LM (then set train.trainable = (".*",)).
+    model.kind = "flamingo"
     model.dtype = "bfloat16"  # compute dtype; the loss is taken in float32
+    # Earlier stages' checkpoints read into a fresh state (flamingo_jax/warm_start.py): a
+    # workdir, its checkpoints/ directory or one checkpoints/<step> of an "lm"-kind run
+    # (fills lm/...; `<image>`/`<EOC>` rows start at the mean embedding), and of a run
+    # whose parameters hold the image tower under vision/ (fills vision/...). None: random.
+    model.lm_init = ml_collections.FieldReference(None, field_type=str)
+    model.vision_init = ml_collections.FieldReference(None, field_type=str)
+    # A Flamingo run whose every parameter, trainable and frozen alike, starts this one
+    # (e.g. experiments/finetune.py); lm_init / vision_init, when also set, override parts.
+    model.init_from = ml_collections.FieldReference(None, field_type=str)
     model.media_attention = "previous"  # or "all_previous" (ablation)
 
     # Frozen vision encoder: an NFNet variant name (F0–F7, or a tiny one), or None when
@@ -93,14 +105,26 @@ def get_config() -> ml_collections.ConfigDict:
     config.train.max_consecutive_skips = 10
 
     config.train.microbatches = 1  # gradient accumulation steps per dataset batch
+    # MFU's denominator per device; None: flamingo_jax.flops's table for TPU/GPU kinds and a
+    # matmul probe on CPU (an unknown kind then logs no mfu).
+    config.train.peak_flops_per_device = ml_collections.FieldReference(None, field_type=float)
 
-    config.checkpoint = ml_collections.ConfigDict(dict(save_every=1000, keep=3))
+    # Async saves every save_every steps, at the end and on SIGTERM; the newest `keep` stay,
+    # plus every keep_every-th step (None: none). Start-up restores the latest checkpoint, or
+    # restore_step; require=True fails instead of starting fresh when there is none.
+    config.checkpoint = ml_collections.ConfigDict(dict(
+        save_every=1000, keep=3, keep_every=ml_collections.FieldReference(None, field_type=int),
+        restore_step=ml_collections.FieldReference(None, field_type=int), require=False))
 
     # ---- Input (SPEC §4) ----------------------------------------------------------------
     # Tasks of the seqio mixture: {name: {kind, source, path, batch_size, ...}} with the
     # fields of data_pipelines.tasks.TaskConfig; λ_m comes from train.task_weights.
+    # mode: "per_task" (paper: one batch per dataset, Σ_m λ_m·L_m), "round_robin" (one
+    # dataset per step in turn) or "sampled" (one batch of examples drawn ∝ λ_m, seqio
+    # rates; batch_size examples, None = the sum of the tasks' batch sizes).
     config.data = ml_collections.ConfigDict(
-        dict(tokenizer="", mode="per_task", tasks=ml_collections.ConfigDict())
+        dict(tokenizer="", mode="per_task", tasks=ml_collections.ConfigDict(),
+             batch_size=ml_collections.FieldReference(None, field_type=int))
     )
 
     config.optimizer = ml_collections.ConfigDict(
@@ -108,4 +132,32 @@ def get_config() -> ml_collections.ConfigDict:
              b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.1, grad_clip_norm=1.0,
              no_weight_decay=(r"^resampler/", r"extra_embedding", r"extra_head/"))
     )
+
+    # ---- Few-shot evaluation (SPEC §7, §8; flamingo_jax/eval.py) ------------------------
+    config.eval = ml_collections.ConfigDict()
+    config.eval.tokenizer = ""  # SentencePiece model; "" = data.tokenizer
+    config.eval.batch_size = 8  # prompts per decoding batch (a multiple of data×fsdp)
+    config.eval.length_bucket = 32  # prompts padded to a multiple: fewer shapes to compile
+    config.eval.seed = 0  # support draws, query subsets, ensemble orderings
+    # One in-context example per kind; the target field ({caption}, {answer},
+    # {class_name}) comes last; the query's example is cut right before it.
+    config.eval.prompts = ml_collections.ConfigDict(dict(
+        captioning="<image>Output: {caption}<EOC>",
+        vqa="<image>Question: {question} Answer: {answer}<EOC>",
+        classification="<image>Output: {class_name}<EOC>",
+        hateful_memes=("<image>is an image with: '{text}' written on it. "
+                       "Is it hateful? Answer: {answer}<EOC>"),
+        video_captioning="<image>Output: {caption}<EOC>",
+        video_qa="<image>Question: {question} Answer: {answer}<EOC>",
+    ))
+    config.eval.hateful_answers = ("no", "yes")  # HatefulMemes targets for labels 0, 1
+    # What a task takes when it does not say (fields of evaluation/fewshot.TaskConfig).
+    config.eval.task_defaults = ml_collections.ConfigDict(dict(
+        shots=(0, 4, 8, 16, 32), num_queries=0, trials=3, selection="random",
+        max_new_tokens=20, beam_size=3, length_penalty=0.0, ensemble=1, num_frames=1,
+    ))
+    # {name: {kind: captioning | vqa | classification | hateful_memes | video_captioning |
+    #  video_qa, format: a layout of evaluation/datasets.py, support: {reader args},
+    #  query: {reader args}, and any task_defaults key}}.
+    config.eval.tasks = ml_collections.ConfigDict()
     return config

@@ -2,28 +2,33 @@
 
     flamingo-train --config experiments/X.py[:arg] [--config.a.b=v ...] --workdir DIR
 
-Writes DIR/checkpoints/ and DIR/metrics.jsonl (one JSON object per logged step; process 0
-only). Re-running with the same workdir resumes from the latest checkpoint, including the
+Writes DIR/checkpoints/, DIR/metrics.jsonl (one JSON object per logged step) and
+TensorBoard events under DIR/tensorboard/ (process 0 only; flamingo_jax.metrics_writer). Re-running with the same workdir resumes from the latest checkpoint, including the
 input position, so the resumed run sees the batches the uninterrupted run would have.
 """
 
-import json
+import dataclasses
+import functools
 import os
-import time
 
 import jax
 import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from flamingo_jax.checkpointing import Checkpointer
+from flamingo_jax import distributed, flops
+from flamingo_jax.checkpointing import Checkpointer, Preemption
+from flamingo_jax.metrics_writer import MetricsWriter, flatten_counts
 from flamingo_jax.trainer import Trainer
 
-DATA_MODES = ("per_task", "round_robin")
+DATA_MODES = ("per_task", "round_robin", "sampled")
+MIXTURE = "mixture"  # the one batch of data.mode="sampled", as shard_batches' task key
 
 
 def make_input(config, state: dict | None):
-    """The per-task iterator over config.data's seqio mixture, resumed from `state`."""
+    """The iterator over config.data's seqio mixture for config.data.mode, resumed from
+    `state`: one batch per task, or (mode "sampled") one batch of examples drawn from the
+    tasks at rates λ_m (train.task_weights)."""
     from data_pipelines import mixture_iterator, tasks, tokenizer
     from data_pipelines.global_batch import host_shard_info
 
@@ -43,8 +48,15 @@ def make_input(config, state: dict | None):
     missing = sorted({c.name for c in task_configs} - set(config.train.task_weights))
     if missing:
         raise ValueError(f"train.task_weights has no λ for tasks {missing}")
-    mixture = tasks.register_mixture(f"train_{os.getpid()}", task_configs, vocab)
     batch_sizes = {name: t.batch_size for name, t in config.data.tasks.items()}
+    if config.data.mode == "sampled":  # seqio rates λ_m: examples drawn ∝ λ_m
+        task_configs = [dataclasses.replace(c, rate=config.train.task_weights[c.name])
+                        for c in task_configs]
+        mixture = tasks.register_mixture(f"train_{os.getpid()}", task_configs, vocab)
+        return mixture_iterator.make_sampled_iterator(
+            mixture, config.data.batch_size or sum(batch_sizes.values()),
+            seed=config.train.seed, shard_info=host_shard_info(), state=state)
+    mixture = tasks.register_mixture(f"train_{os.getpid()}", task_configs, vocab)
     return mixture_iterator.make_task_iterators(
         mixture, batch_sizes, seed=config.train.seed, shard_info=host_shard_info(), state=state
     )
@@ -62,21 +74,21 @@ def to_microbatches(batch: dict[str, np.ndarray], k: int) -> dict[str, np.ndarra
     return out
 
 
-class MetricsLog:
-    """metrics.jsonl and a console line; only process 0 writes."""
+def sampled_batch(host: dict[str, np.ndarray], names: list[str]) -> dict[str, dict]:
+    """{MIXTURE: batch} from a sampled-mode batch, its `task_id` (an index into the
+    iterator's task order `names`) re-indexed into sorted task order, as the step expects."""
+    order = np.array([sorted(names).index(n) for n in names], np.int32)
+    return {MIXTURE: {**host, "task_id": order[host["task_id"]]}}
 
-    def __init__(self, workdir: str):
-        self.primary = jax.process_index() == 0
-        self.path = os.path.join(workdir, "metrics.jsonl")
 
-    def write(self, record: dict, num_steps: int, seconds_per_step: float) -> None:
-        if not self.primary:
-            return
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-        eta = (num_steps - record["step"]) * seconds_per_step
-        print(f"step {record['step']}/{num_steps} loss {record['loss']:.4f} "
-              f"{1 / max(seconds_per_step, 1e-9):.2f} steps/s eta {eta:.0f}s", flush=True)
+def peak_flops(config) -> float | None:
+    """FLOP/s of all the job's devices (flamingo_jax.flops), or None (no MFU) for a device
+    kind without a known peak and no config.train.peak_flops_per_device."""
+    try:
+        return flops.peak_flops_per_second(per_device=config.train.peak_flops_per_device)
+    except ValueError as e:
+        logging.warning("%s; mfu is not logged", e)
+        return None
 
 
 def train(config, workdir: str) -> dict:
@@ -84,31 +96,55 @@ def train(config, workdir: str) -> dict:
     os.makedirs(workdir, exist_ok=True)
     # ---- Mesh, model, optimizer, state ------------------------------------------------
     trainer = Trainer(config)
-    checkpointer = Checkpointer(workdir, config.checkpoint.keep)
-    state = trainer.init_state()
-    data_state = None
-    start = checkpointer.latest_step()
-    if start is not None:
-        state, data_state = checkpointer.restore(start, state, trainer.state_shardings)
+    # ---- Checkpoint: restore the latest (or checkpoint.restore_step), else a fresh state ----
+    checkpointer = Checkpointer(workdir, config.checkpoint.keep, config.checkpoint.keep_every,
+                                config=config)
+    start = checkpointer.step_to_restore(config.checkpoint.restore_step,
+                                         config.checkpoint.require)
+    if start is None:
+        state, data_state = trainer.init_state(), None
+    else:
+        # Targets in this mesh's shardings: each device reads only its own slices.
+        state, data_state = checkpointer.restore(start, jax.eval_shape(trainer._init),
+                                                 trainer.state_shardings)
         logging.info("resumed from step %d", start)
     # ---- Input ------------------------------------------------------------------------
+    # Each process resumes its own shard's position (distributed.gather_input_states).
+    data_state = distributed.input_state_for_process(data_state, jax.process_index(),
+                                                     jax.process_count())
     batches = make_input(config, data_state)
     names = sorted(batches.task_names) if hasattr(batches, "task_names") else None
-    log = MetricsLog(workdir)
     record: dict = {}
     step = int(state.step)
-    tick, tokens_since, examples_since, steps_since = time.time(), 0.0, 0, 0
+    writer = MetricsWriter(workdir, config.train.num_steps, start_step=step,
+                           peak_flops=peak_flops(config))
+    step_flops = functools.lru_cache(maxsize=64)(
+        lambda shapes: flops.step_flops(config, dict(shapes)).total)
+    tokens_since = examples_since = flops_since = 0.0
     # ---- Update loop --------------------------------------------------------------------
+    preemption = Preemption()  # SIGTERM: save at the next step boundary and stop
+    first_step = step
     while step < config.train.num_steps:
         host = next(batches)
+        if step == first_step:  # every process has its first batch: start stepping together
+            distributed.barrier("flamingo_first_batch")
         if config.data.mode == "round_robin":
             name = names[step % len(names)]
             host = {name: host[name]}
+        elif config.data.mode == "sampled":
+            host = sampled_batch(host, batches.task_names)
         host = {t: to_microbatches(b, config.train.microbatches) for t, b in host.items()}
-        state, metrics = trainer.step(state, trainer.shard_batches(host))
+        batch = trainer.shard_batches(host)
+        state, metrics = trainer.step(
+            state, batch[MIXTURE] if config.data.mode == "sampled" else batch)
         step += 1
-        steps_since += 1
-        examples_since += sum(b["tokens"].shape[0] * b["tokens"].shape[1] for b in host.values())
+        processes = jax.process_count()
+        examples_since += processes * sum(b["tokens"].shape[0] * b["tokens"].shape[1]
+                                          for b in host.values())
+        tokens_since += processes * sum(b["tokens"].size for b in host.values())
+        if config.model.kind in flops.MODEL_KINDS:  # no model-FLOP count (mfu) otherwise
+            shapes = flops.shapes_of_batches(host, config.input.image_size)
+            flops_since += processes * step_flops(tuple(sorted(shapes.items())))
         if step % config.train.log_every == 0 or step == config.train.num_steps:
             metrics = jax.device_get(metrics)
             if int(metrics["consecutive_skips"]) >= config.train.max_consecutive_skips:
@@ -116,16 +152,18 @@ def train(config, workdir: str) -> dict:
                     f"{int(metrics['consecutive_skips'])} consecutive non-finite losses at step "
                     f"{step}; stopping (train.max_consecutive_skips)"
                 )
-            tokens_since += sum(float(v) for k, v in metrics.items() if k.startswith("tokens/"))
-            elapsed = time.time() - tick
-            record = {"step": step, **{k: float(v) for k, v in metrics.items()},
-                      "tokens_per_sec": tokens_since / elapsed,
-                      "examples_per_sec": examples_since / elapsed,
-                      "bad_inputs": batches.bad_input_counts()}
-            log.write(record, config.train.num_steps, elapsed / steps_since)
-            tick, tokens_since, examples_since, steps_since = time.time(), 0.0, 0, 0
-        if step % config.checkpoint.save_every == 0 or step == config.train.num_steps:
-            checkpointer.save(step, state, batches.get_state())
+            record = writer.write(
+                step, metrics, examples=examples_since, tokens=tokens_since, flops=flops_since,
+                counts=flatten_counts("bad_inputs", batches.bad_input_counts()))
+            tokens_since = examples_since = flops_since = 0.0
+        preempted = preemption.reached()
+        if step % config.checkpoint.save_every == 0 or step == config.train.num_steps or preempted:
+            checkpointer.save(step, state, distributed.gather_input_states(batches.get_state()))
+        if preempted:
+            logging.warning("SIGTERM: saved step %d; stopping (re-run to resume)", step)
+            break
+    preemption.close()
+    writer.close()
     checkpointer.wait()
     checkpointer.close()
     batches.close()
@@ -136,8 +174,15 @@ def run():
     """Console entry point (flags are defined here so that importing this module is free)."""
     config = config_flags.DEFINE_config_file("config", None, "Experiment config file.")
     workdir = flags.DEFINE_string("workdir", None, "Directory for checkpoints and metrics.")
+    start_up = distributed.define_flags()
     flags.mark_flags_as_required(["config", "workdir"])
-    app.run(lambda argv: train(config.value, workdir.value))
+
+    def main(argv):
+        del argv
+        distributed.initialize(**start_up())  # before anything touches devices
+        train(config.value, workdir.value)
+
+    app.run(main)
 
 
 if __name__ == "__main__":

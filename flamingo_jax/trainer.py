@@ -16,11 +16,10 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
-from flamingo_jax import sharding
-from flamingo_jax.models.flamingo import abstract_params, build_flamingo, dummy_inputs
+from flamingo_jax import model_kinds, sharding, warm_start
 from flamingo_jax.optimizer import make_optimizer
 from flamingo_jax.train_state import TrainState, make_state_init, split_params
-from flamingo_jax.train_step import train_step
+from flamingo_jax.train_step import sampled_train_step, train_step
 
 class Trainer:
     def __init__(
@@ -31,8 +30,11 @@ class Trainer:
     ):
         self.config = config
         self.mesh: Mesh = sharding.make_mesh(config.mesh, devices)
-        self.model = build_flamingo(config.model)
-        self.boxed = abstract_params(config, self.model)
+        # What is trained (config.model.kind: flamingo | lm | ...; see model_kinds).
+        self.kind = model_kinds.get(config.model.kind)
+        self.model = self.kind.build(config.model)
+        self.boxed = model_kinds.abstract_params(self.kind, config, self.model)
+        warm_start.check_config(config, nn.unbox(self.boxed))
         self.rules = sharding.logical_rules(config)
         trainable, _ = split_params(nn.unbox(self.boxed), config.train.trainable)
         self.schedule = None
@@ -45,7 +47,7 @@ class Trainer:
 
         def init_params(rng):
             inputs = jax.tree_util.tree_map(
-                lambda s: jnp.zeros(s.shape, s.dtype), dummy_inputs(config)
+                lambda s: jnp.zeros(s.shape, s.dtype), self.kind.dummy_inputs(config)
             )
             return self.model.init({"params": rng}, **inputs)["params"]
 
@@ -55,12 +57,14 @@ class Trainer:
         self._step = None
 
     def apply(self, params, rng, **inputs):
-        return self.model.apply({"params": params}, **inputs, train=True,
+        return self.model.apply({"params": params}, **self.kind.model_inputs(inputs, True),
                                 rngs={"dropout": rng})
 
     def init_state(self) -> TrainState:
-        """A fresh train state, created directly in its shardings."""
-        return self._init()
+        """A fresh train state, created directly in its shardings, with the parameters
+        that config.model.init_from / lm_init / vision_init name read from earlier runs'
+        checkpoints (flamingo_jax.warm_start)."""
+        return warm_start.warm_start(self.config, self._init())
 
     def shard_batches(self, host_batches: Mapping[str, Mapping[str, np.ndarray]]) -> dict:
         """Global arrays [K, B, ...] sharded over data×fsdp on the batch axis, from this
@@ -78,14 +82,38 @@ class Trainer:
             out[task] = sharding.make_global_batch(batch, self.mesh, batch_dim=1)
         return out
 
-    def step(self, state: TrainState, batches) -> tuple[TrainState, dict[str, Any]]:
+    def _jitted_step(self):
         if self._step is None:
-            step_fn = functools.partial(
-                train_step, apply_fn=self.apply, tx=self.tx, task_weights=self.task_weights,
-                schedule=self.schedule,
-            )
+            if self.config.data.get("mode") == "sampled":
+                if self.kind.loss:
+                    raise ValueError(
+                        f"data.mode='sampled' weighs the token cross-entropy per example; model "
+                        f"kind {self.config.model.kind!r} has its own loss: use data.mode="
+                        f"'per_task'"
+                    )
+                step_fn = functools.partial(
+                    sampled_train_step, apply_fn=self.apply, tx=self.tx,
+                    task_names=sorted(self.task_weights), schedule=self.schedule,
+                )
+            else:
+                step_fn = functools.partial(
+                    train_step, apply_fn=self.apply, tx=self.tx, task_weights=self.task_weights,
+                    schedule=self.schedule,
+                    loss_fn=self.kind.loss(self.config.model) if self.kind.loss else None,
+                )
             self._step = jax.jit(
                 step_fn, out_shardings=(self.state_shardings, None), donate_argnums=(0,)
             )
+        return self._step
+
+    def step(self, state: TrainState, batches) -> tuple[TrainState, dict[str, Any]]:
+        step_fn = self._jitted_step()
         with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
-            return self._step(state, batches)
+            return step_fn(state, batches)
+
+    def lower(self, state, batches):
+        """The step lowered for these (possibly abstract) arguments, for XLA's cost analysis
+        (`.cost_analysis()`) or an explicit `.compile()`."""
+        step_fn = self._jitted_step()
+        with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+            return step_fn.lower(state, batches)
