@@ -24,10 +24,16 @@ def _component(path: str, kind: str) -> str:
     return top
 
 
+def abstract_params(config, model=None) -> dict:
+    """Boxed parameter shapes of the model `config.model.kind` builds; nothing is allocated."""
+    kind = model_kinds.get(config.model.kind)
+    return model_kinds.abstract_params(kind, config, model or kind.build(config.model))
+
+
 def inspect_config(config, num_devices: int | None = None) -> dict:
     """Counts and bytes for `config`; the JSON object of `flamingo-inspect --json`."""
     kind = model_kinds.get(config.model.kind)
-    boxed = model_kinds.abstract_params(kind, config, kind.build(config.model))
+    boxed = abstract_params(config)
     shapes = nn.unbox(boxed)
     mask = trainable_mask(shapes, config.train.trainable)
     components: dict[str, int] = {}

@@ -16,7 +16,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
-from flamingo_jax import model_kinds, sharding, warm_start
+from flamingo_jax import distributed, model_kinds, sharding, warm_start
 from flamingo_jax.optimizer import make_optimizer
 from flamingo_jax.train_state import TrainState, make_state_init, split_params
 from flamingo_jax.train_step import sampled_train_step, train_step
@@ -55,6 +55,7 @@ class Trainer:
             config, init_params, self.boxed, self.tx, self.mesh
         )
         self._step = None
+        self._compiled = None  # multi-process jobs: the step compiled ahead of its first run
 
     def apply(self, params, rng, **inputs):
         return self.model.apply({"params": params}, **self.kind.model_inputs(inputs, True),
@@ -108,8 +109,13 @@ class Trainer:
 
     def step(self, state: TrainState, batches) -> tuple[TrainState, dict[str, Any]]:
         step_fn = self._jitted_step()
+        if jax.process_count() > 1 and self._compiled is None:
+            # Processes compile at different speeds, and CPU collectives (gloo) give up when
+            # processes reach a collective more than 30 s apart: compile first, then meet.
+            self._compiled = self.lower(state, batches).compile()
+            distributed.barrier("train_step_compiled")
         with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
-            return step_fn(state, batches)
+            return (self._compiled or step_fn)(state, batches)
 
     def lower(self, state, batches):
         """The step lowered for these (possibly abstract) arguments, for XLA's cost analysis
