@@ -1,71 +1,375 @@
-"""`make demo`: the tiny Flamingo of experiments/demo.py on a synthetic interleaved batch.
+"""`make demo`: Flamingo's whole recipe at toy scale, end to end on a small CPU.
 
-Until the trainer lands this shows the model end to end on CPU: parameter counts per
-component, one forward pass over images and interleaved text, and the check that with the
-tanh gates at 0 Flamingo's logits equal the frozen LM's.
+    python -m flamingo_jax.demo --workdir workdirs/demo
+
+Stages, each a banner below, everything under WORKDIR (layout: experiments/demo.data_paths):
+  1. data        synthetic shapes: interleaved pages, image-caption pairs, pages in the
+                 few-shot prompt formats, text-only documents, held-out copies of each
+                 (another seed) and the few-shot evaluation sets
+  2. tokenizer   SentencePiece BPE trained on the synthetic corpus
+  3. lm          the tiny LM pretrained on text alone (experiments/demo_lm.py), with
+                 flamingo-train's own `train` (same trainer, checkpoints, metrics)
+  4. vision      the tiny NFNet pretrained contrastively on the image-caption pairs
+                 (experiments/demo_contrastive.py), evaluated by held-out image↔text
+                 retrieval recall@1/5/10 and zero-shot colour classification
+  5. flamingo    experiments/demo.py: the LM (read from stage 3's checkpoint) and the
+                 vision encoder (read from stage 4's) frozen; resampler, gated layers and
+                 `<image>`/`<EOC>` rows trained on the three image datasets
+  6. evaluation  held-out loss per dataset at step 0 and at the end of each stage, the
+                 gates' tanh(α), few-shot captioning CIDEr and colour-question accuracy at
+                 0 and 4 shots before and after the Flamingo stage
+Writes WORKDIR/summary.json and WORKDIR/loss_curves.png, prints the table, and exits
+non-zero when a check fails (held-out loss must fall well below its step-0 value, gates
+must open, colour questions must be answered from the image). Re-running reuses the data
+and resumes the training stages from their checkpoints.
 """
 
 import json
 import os
+import resource
+import sys
+import time
 
 import flax.linen as nn
 import jax
 import numpy as np
 from absl import app, flags
 
-from experiments import demo as demo_experiment
-from flamingo_jax.inspect import inspect_config
-from flamingo_jax.models.flamingo import build_flamingo
+from experiments import demo as demo_config
+from experiments import demo_lm as demo_lm_config
+from flamingo_jax import eval as eval_lib
+from flamingo_jax import train as train_lib
+from flamingo_jax.evaluation import retrieval
+from flamingo_jax.train_step import model_inputs, weighted_cross_entropy
+from flamingo_jax.trainer import Trainer
+
+# Dataset sizes (tuned so the whole demo fits 15 minutes on 2 CPU cores with headroom).
+NUM_DOCS, NUM_PAIRS, NUM_PROMPTED, NUM_TEXT = 256, 2048, 1024, 4000
+NUM_HELDOUT = 64  # documents per held-out dataset
+NUM_HELDOUT_PAIRS = 256  # held-out pairs: retrieval candidates (and the pairs' held-out loss)
+NUM_COLOUR_IMAGES = 256  # one-shape scenes for zero-shot colour classification
+HELDOUT_BATCHES = 4  # batches per dataset in a held-out loss
+HELDOUT_SEED = 1
+STEP0_QUERIES = 16  # few-shot queries before the Flamingo stage (the final evaluation asks all)
+# Checks of `make demo` (issues 4 and 6).
+LOSS_DROP = 0.6  # the Flamingo stage's held-out loss must fall below this × its step-0 value
+MIN_GATE = 0.01  # some gate's |tanh(α)| must exceed this
+MIN_COLOUR_ACCURACY = 0.6  # 4-shot colour questions (eight colours: a text-only guess ≈ 1/8)
 
 
-def synthetic_batch(config, seed: int = 0) -> dict[str, np.ndarray]:
-    """Random interleaved rows: BOS, then per media an `<image>` token and some text."""
-    inp = config.input
-    rng = np.random.default_rng(seed)
-    b, length, n = inp.batch_size, inp.text_length, inp.num_media
-    tokens = rng.integers(3, config.model.lm.vocab_size, size=(b, length)).astype(np.int32)
-    tokens[:, 0] = 3  # BOS of our SentencePiece models
-    media_mask = np.zeros((b, n), np.int32)
-    for i in range(b):
-        count = rng.integers(1, n + 1)
-        positions = np.sort(rng.choice(np.arange(1, length), size=count, replace=False))
-        tokens[i, positions] = config.model.image_token_id
-        media_mask[i, :count] = 1
-    images = rng.normal(size=(b, n, inp.num_frames, inp.image_size, inp.image_size, 3))
-    return {"tokens": tokens, "images": images.astype(np.float32), "media_mask": media_mask}
+def _log(message: str) -> None:
+    print(f"[demo {time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
-def demo(workdir: str) -> None:
-    config = demo_experiment.get_config()
+def peak_rss_gib() -> float:
+    """Peak resident memory of this process and its finished children (Linux: KiB)."""
+    kib = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+              resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
+    return kib / 2**20
+
+
+# ---- 1. Data ------------------------------------------------------------------------------
+
+
+def write_data(paths: dict, image_size: int) -> None:
+    from data_pipelines import synthetic, synthetic_eval, synthetic_prompted
+
+    done = os.path.join(paths["data"], ".complete")
+    if os.path.exists(done):
+        _log("data: reusing " + paths["data"])
+        return
+    synthetic.write_all(paths["synthetic"], seed=0, image_size=image_size, num_docs=NUM_DOCS,
+                        num_pairs=NUM_PAIRS, num_clips=2, num_frames=2, num_eval=2)
+    synthetic_prompted.write_prompted_mmc4(paths["prompted"], NUM_PROMPTED, seed=0,
+                                           image_size=image_size)
+    synthetic_prompted.write_text_documents(os.path.join(paths["text"], "docs.txt"), NUM_TEXT,
+                                            seed=0)
+    heldout = paths["heldout"]
+    synthetic.write_mmc4(os.path.join(heldout, "mmc4"), NUM_HELDOUT, HELDOUT_SEED, image_size)
+    synthetic.write_webdataset(os.path.join(heldout, "webdataset"), NUM_HELDOUT_PAIRS,
+                               HELDOUT_SEED, image_size)
+    synthetic_prompted.write_prompted_mmc4(os.path.join(heldout, "prompted"), NUM_HELDOUT,
+                                           HELDOUT_SEED, image_size)
+    synthetic_prompted.write_text_documents(os.path.join(heldout, "text", "docs.txt"),
+                                            NUM_HELDOUT * 4, HELDOUT_SEED)
+    written = synthetic_eval.write_all(paths["fewshot"], seed=0, image_size=image_size,
+                                       num_support=demo_config.FEWSHOT_SUPPORT,
+                                       num_query=demo_config.FEWSHOT_QUERIES)
+    if written != demo_config.fewshot_paths(paths["fewshot"]):
+        raise RuntimeError("data_pipelines.synthetic_eval.write_all changed its layout; update "
+                           f"experiments/demo.py fewshot_paths to {written}")
+    open(done, "w").close()
+
+
+# ---- 2. Tokenizer -------------------------------------------------------------------------
+
+
+def train_tokenizer(paths: dict) -> None:
+    from data_pipelines import tokenizer, train_tokenizer as trainer_lib
+
+    if not os.path.exists(paths["tokenizer"]):
+        trainer_lib.train_sentencepiece([paths["corpus"]], paths["tokenizer"][:-len(".model")],
+                                        vocab_size=demo_config.VOCAB_SIZE, model_type="bpe")
+    size = tokenizer.load_vocabulary(paths["tokenizer"]).base_vocab_size
+    if size != demo_config.VOCAB_SIZE:
+        raise RuntimeError(f"the demo tokenizer has {size} pieces, the demo configs expect "
+                           f"experiments/demo.py VOCAB_SIZE={demo_config.VOCAB_SIZE}")
+
+
+# ---- 4. Vision encoder ---------------------------------------------------------------------
+
+
+def contrastive_config(paths: dict):
+    from data_pipelines import tokenizer
+    from experiments import demo_contrastive
+
+    config = demo_contrastive.get_config(paths["data"])
+    config.model.lm.vocab_size = tokenizer.load_vocabulary(config.data.tokenizer).base_vocab_size
+    return config
+
+
+def colour_classification(config, workdir: str, image_size: int) -> dict[str, float]:
+    """Zero-shot colour classification of NUM_COLOUR_IMAGES held-out one-shape scenes by the
+    contrastive run in `workdir`: each colour's class embedding is the mean over prompts
+    "a {size} {colour} {shape}" of every size and shape."""
+    from flax import traverse_util
+
+    from data_pipelines import synthetic_scenes as scenes
+    from data_pipelines import tokenizer
+    from flamingo_jax.evaluation import media, retrieval
+    from flamingo_jax.models.contrastive import build_contrastive, load_params
+
+    colours = list(scenes.COLOURS)
+    images, labels = [], []
+    for i in range(NUM_COLOUR_IMAGES):
+        scene = scenes.random_scene(np.random.default_rng([HELDOUT_SEED, 30, i]), 1)
+        images.append(media.preprocess(scenes.render_scene(scene, image_size), image_size))
+        labels.append(colours.index(scene.shapes[0].colour))
+    model = build_contrastive(config.model)
+    params = traverse_util.unflatten_dict(load_params(workdir), sep="/")
+    vocab = tokenizer.load_vocabulary(config.data.tokenizer)
+    templates = [f"a {size} {{}} {shape}" for size in scenes.SIZES for shape in scenes.SHAPES]
+    classes = retrieval.zero_shot_classifier(model, params, vocab, colours, templates,
+                                             config.model.text.max_length)
+    image_emb, _ = retrieval.embed_pairs(model, params, np.stack(images),
+                                         np.zeros((1, config.model.text.max_length), np.int32))
+    accuracy = retrieval.zero_shot_accuracy(image_emb, classes, np.array(labels), ks=(1,))
+    return {"colour_top1": accuracy["top1"], "colour_chance": 1.0 / len(colours)}
+
+
+# ---- 6. Evaluation helpers ----------------------------------------------------------------
+
+
+def heldout_batches(config, task_dicts: dict) -> dict[str, list[dict]]:
+    """Up to HELDOUT_BATCHES host batches per held-out task (first windows, no
+    augmentation), read once and reused for every evaluation."""
+    from data_pipelines import mixture_iterator, tasks, tokenizer
+
+    vocab = tokenizer.load_vocabulary(config.data.tokenizer)
+    configs = tasks.configs_from_dict(task_dicts, image_size=config.input.image_size)
+    mixture = tasks.register_mixture(f"heldout_{os.getpid()}", configs, vocab)
+    iterators = mixture_iterator.make_task_iterators(
+        mixture, {n: t["batch_size"] for n, t in task_dicts.items()}, shuffle=False,
+        num_epochs=1)
+    out = {}
+    try:
+        for name, iterator in iterators.iterators.items():
+            out[name] = [batch for _, batch in zip(range(HELDOUT_BATCHES), iterator)]
+    finally:
+        iterators.close()
+    return out
+
+
+def heldout_losses(trainer: Trainer, params, batches: dict[str, list[dict]]) -> dict[str, float]:
+    """Token-weighted mean cross-entropy per task, as the train step computes it."""
+
+    @jax.jit
+    def loss_sums(params, batch):
+        inputs = trainer.kind.model_inputs(model_inputs(batch), False)
+        logits = trainer.model.apply({"params": params}, **inputs)
+        return weighted_cross_entropy(logits, batch["targets"], batch["loss_weights"])
+
+    out = {}
+    with jax.set_mesh(trainer.mesh), nn.logical_axis_rules(trainer.rules):
+        for name, task_batches in batches.items():
+            sums = [loss_sums(params, {k: v for k, v in b.items() if v.dtype.kind in "biuf"})
+                    for b in task_batches]
+            total, weight = (sum(float(s[i]) for s in sums) for i in (0, 1))
+            out[name] = total / max(weight, 1.0)
+    return out
+
+
+def gates(params) -> dict[str, dict[str, float]]:
+    """tanh(α) of every gated layer: {xattn_i: {"xattn": ., "dense": .}}."""
+    return {name: {"xattn": float(np.tanh(layer["alpha_xattn"])),
+                   "dense": float(np.tanh(layer["alpha_dense"]))}
+            for name, layer in sorted(params["lm"].items(), key=lambda kv: kv[0])
+            if name.startswith("xattn_")}
+
+
+def fewshot(config, params, step: int, workdir: str) -> dict:
+    return eval_lib.evaluate(config, params, step, workdir=workdir, progress=False)
+
+
+# ---- 7. Report ----------------------------------------------------------------------------
+
+
+def read_metrics(workdir: str) -> list[dict]:
+    path = os.path.join(workdir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+def plot_losses(stages: dict[str, list[dict]], path: str) -> None:
+    """One panel per stage: training loss per dataset against the step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(stages), figsize=(6 * len(stages), 4), squeeze=False)
+    for ax, (stage, records) in zip(axes[0], stages.items()):
+        names = sorted({k for r in records for k in r if k.startswith("loss/")})
+        for name in names:
+            points = [(r["step"], r[name]) for r in records if name in r]
+            ax.plot(*zip(*points), label=name.removeprefix("loss/"))
+        ax.set(title=f"{stage} stage", xlabel="step", ylabel="training loss (nats/token)")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def format_table(summary: dict) -> str:
+    lines = ["", "held-out loss (nats/token)          step 0       end"]
+    for stage, losses in summary["heldout_loss"].items():
+        for task, (start, end) in losses.items():
+            lines.append(f"  {stage + ' / ' + task:<32}{start:>8.3f}{end:>10.3f}")
+    vision = summary["vision"]
+    lines.append(f"vision stage: held-out retrieval over {vision['num_pairs']:.0f} pairs "
+                 f"(chance R@1 {vision['chance_recall_at_1']:.3f})     R@1     R@5    R@10")
+    for direction in ("image_to_text", "text_to_image"):
+        lines.append(f"  {direction:<32}" + "".join(
+            f"{vision[f'{direction}/recall@{k}']:>8.3f}" for k in retrieval.RECALL_KS))
+    lines.append(f"  zero-shot colour top-1 {vision['colour_top1']:.3f} "
+                 f"(chance {vision['colour_chance']:.3f})")
+    lines.append("gates tanh(α) at the end            xattn     dense")
+    for layer, values in summary["gates"].items():
+        lines.append(f"  {layer:<32}{values['xattn']:>8.4f}{values['dense']:>10.4f}")
+    for when, results in summary["fewshot"].items():
+        lines.append(f"few-shot, Flamingo stage {when}")
+        lines.extend("  " + line for line in eval_lib.format_table(results).splitlines())
+    lines.append("checks")
+    lines.extend(f"  {'PASS' if ok else 'FAIL'}  {what}" for what, ok in summary["checks"].items())
+    lines.append(f"wall {summary['wall_seconds']:.0f} s, peak RSS "
+                 f"{summary['peak_rss_gib']:.2f} GiB; "
+                 + ", ".join(f"{k} {v:.0f} s" for k, v in summary["stage_seconds"].items()))
+    return "\n".join(lines)
+
+
+def demo(workdir: str) -> dict:
+    start = time.time()
+    seconds: dict[str, float] = {}
+
+    def mark(stage: str, since: float) -> float:
+        seconds[stage] = time.time() - since
+        _log(f"{stage}: {seconds[stage]:.0f} s")
+        return time.time()
+
     os.makedirs(workdir, exist_ok=True)
-    report = inspect_config(config)
-    print("parameters per component:")
-    for name, count in report["components"].items():
-        print(f"  {name:<10}{count:>12,}")
-    print(f"  trainable {report['trainable_params']:>12,}  frozen {report['frozen_params']:,}")
+    jax.config.update("jax_compilation_cache_dir", os.path.join(workdir, "jax_cache"))
+    paths = demo_config.data_paths(workdir)
+    lm_config = demo_lm_config.get_config(workdir)
+    config = demo_config.get_config(workdir)
+    t = time.time()
+    write_data(paths, config.input.image_size)
+    t = mark("data", t)
+    train_tokenizer(paths)
+    t = mark("tokenizer", t)
 
-    model = build_flamingo(config.model)
-    batch = synthetic_batch(config)
-    init = jax.jit(lambda key: model.init(key, **batch))
-    params = nn.unbox(init(jax.random.key(config.train.seed)))["params"]
-    forward = jax.jit(lambda p, b: model.apply({"params": p}, **b))
-    logits = forward(params, batch)
-    lm_params = {k: v for k, v in params["lm"].items() if not k.startswith("xattn_")}
-    lm_logits = jax.jit(lambda p, t: model.lm.apply({"params": p}, t))(lm_params, batch["tokens"])
-    max_diff = float(np.abs(np.asarray(logits) - np.asarray(lm_logits)).max())
-    summary = {
-        "tokens": list(batch["tokens"].shape),
-        "images": list(batch["images"].shape),
-        "logits": list(logits.shape),
-        "max|flamingo - frozen LM| at init": max_diff,
-        **{k: report[k] for k in ("total_params", "trainable_params", "frozen_params")},
+    # ---- 3. LM: text-only pretraining ---------------------------------------------------
+    lm_heldout = heldout_batches(lm_config, demo_lm_config.text_tasks(paths, heldout=True))
+    lm_trainer = Trainer(lm_config)
+    lm_start = heldout_losses(lm_trainer, lm_trainer.init_state().params(), lm_heldout)
+    train_lib.train(lm_config, paths["lm_workdir"])
+    _, lm_params, _ = eval_lib.restore_params(lm_config, paths["lm_workdir"])
+    lm_end = heldout_losses(lm_trainer, lm_params, lm_heldout)
+    del lm_trainer, lm_params
+    t = mark("lm", t)
+
+    # ---- 4. Vision encoder: contrastive pretraining -----------------------------------------
+    # experiments/demo.py names paths["vision_workdir"] in config.model.vision_init.
+    vision_config = contrastive_config(paths)
+    train_lib.train(vision_config, paths["vision_workdir"])
+    vision = retrieval.evaluate_checkpoint(vision_config, paths["vision_workdir"],
+                                           os.path.join(paths["heldout"], "webdataset"))
+    vision.update(colour_classification(vision_config, paths["vision_workdir"],
+                                        config.input.image_size))
+    t = mark("vision", t)
+
+    # ---- 5. Flamingo stage ----------------------------------------------------------------
+    heldout = heldout_batches(config, demo_config.flamingo_tasks(paths, heldout=True))
+    trainer = Trainer(config)
+    params = trainer.init_state().params()  # the pretrained LM, gates at 0
+    flamingo_start = heldout_losses(trainer, params, heldout)
+    step0_config = config.copy_and_resolve_references()
+    step0_config.eval.tasks = demo_config.fewshot_tasks(paths, num_queries=STEP0_QUERIES)
+    fewshot_start = fewshot(step0_config, params, 0, paths["flamingo_workdir"])
+    del params
+    t = mark("flamingo step-0 evaluation", t)
+    train_lib.train(config, paths["flamingo_workdir"])
+    t = mark("flamingo", t)
+
+    # ---- 6. Evaluation --------------------------------------------------------------------
+    _, params, _ = eval_lib.restore_params(config, paths["flamingo_workdir"])
+    flamingo_end = heldout_losses(trainer, params, heldout)
+    fewshot_end = fewshot(config, params, config.train.num_steps, paths["flamingo_workdir"])
+    t = mark("evaluation", t)
+
+    # ---- 7. Report ------------------------------------------------------------------------
+    plot_losses({"lm": read_metrics(paths["lm_workdir"]),
+                 "flamingo": read_metrics(paths["flamingo_workdir"])},
+                os.path.join(workdir, "loss_curves.png"))
+    final_gates = gates(jax.device_get(params))
+    colour = fewshot_end["synthetic_colour_vqa"]["4"]["vqa_accuracy"]
+    checks = {
+        f"Flamingo held-out loss falls below {LOSS_DROP} x its step-0 value on every dataset":
+            all(flamingo_end[k] < LOSS_DROP * flamingo_start[k] for k in flamingo_start),
+        f"some gate has |tanh(alpha)| > {MIN_GATE}":
+            max(abs(v) for g in final_gates.values() for v in g.values()) > MIN_GATE,
+        f"4-shot colour-question accuracy {colour:.3f} >= {MIN_COLOUR_ACCURACY}":
+            colour >= MIN_COLOUR_ACCURACY,
     }
-    with open(os.path.join(workdir, "forward.json"), "w") as f:
+    summary = {
+        "heldout_loss": {
+            "lm": {k: (lm_start[k], lm_end[k]) for k in lm_start},
+            "flamingo": {k: (flamingo_start[k], flamingo_end[k]) for k in flamingo_start},
+        },
+        "gates": final_gates,
+        "vision": vision,
+        "fewshot": {f"step 0 ({STEP0_QUERIES} queries)": fewshot_start,
+                    f"at the end ({demo_config.FEWSHOT_QUERIES} queries)": fewshot_end},
+        "checks": checks,
+        "stage_seconds": seconds,
+        "wall_seconds": time.time() - start,
+        "peak_rss_gib": peak_rss_gib(),
+    }
+    with open(os.path.join(workdir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
-    for key, value in summary.items():
-        print(f"{key}: {value}")
+    print(format_table(summary), flush=True)
+    return summary
+
+
+def main(argv) -> None:
+    del argv
+    summary = demo(_WORKDIR.value)
+    if not all(summary["checks"].values()):
+        sys.exit("make demo: a check failed (see the table above)")
 
 
 if __name__ == "__main__":
-    _workdir = flags.DEFINE_string("workdir", "workdirs/demo", "Where the demo writes outputs.")
-    app.run(lambda argv: demo(_workdir.value))
+    _WORKDIR = flags.DEFINE_string("workdir", "workdirs/demo", "Where the demo writes outputs.")
+    app.run(main)
