@@ -16,7 +16,6 @@ Unequal prompt lengths (right-padded) and media in every row, as in few-shot eva
 
 import argparse
 import functools
-import importlib.util
 import os
 import statistics
 import sys
@@ -31,22 +30,12 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from benchmarks.train_step import load_config  # noqa: E402
 from flamingo_jax import decoding  # noqa: E402
 from flamingo_jax.models.flamingo import build_flamingo  # noqa: E402
 
 DEMO = "experiments/demo.py"
 PAD = 0
-
-
-def load_config(spec: str):
-    """'path/to/config.py[:arg]' → its get_config(arg)."""
-    path, _, arg = spec.partition(":")
-    path = path if os.path.isabs(path) else os.path.join(REPO, path)
-    module_spec = importlib.util.spec_from_file_location(
-        "bench_config_" + os.path.basename(path)[:-3], path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    return module.get_config(arg or None)
 
 
 @functools.partial(jax.jit, static_argnames=("model", "max_new_tokens"))
