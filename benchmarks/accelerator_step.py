@@ -27,9 +27,9 @@ if REPO not in sys.path:
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
 
-from benchmarks.train_step import load_config, synthetic_batch, table, xla_flops  # noqa: E402
+from benchmarks.train_step import (load_config, synthetic_batch, table,  # noqa: E402
+                                   time_train_step)
 from flamingo_jax.trainer import Trainer  # noqa: E402
 
 # Dense bf16 datasheet peaks, FLOP/s per device, keyed by a substring of device_kind.
@@ -89,30 +89,9 @@ def step_case(name: str, steps: int) -> dict:
     init_s = time.perf_counter() - start
     host = {"m3w": synthetic_batch(config, batch_size=batch_size, length=inp.text_length,
                                    num_media=inp.num_media)}
-    batches = trainer.shard_batches(host)
-    start = time.perf_counter()
-    state, metrics = trainer.step(state, batches)
-    jax.block_until_ready((state, metrics))
-    first_s = time.perf_counter() - start
-    with jax.set_mesh(trainer.mesh):
-        import flax.linen as nn
-        with nn.logical_axis_rules(trainer.rules):
-            flops = xla_flops(trainer._step.lower(state, batches).compile())
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        state, metrics = trainer.step(state, batches)
-        jax.block_until_ready((state, metrics))
-        times.append(time.perf_counter() - start)
-    step_s = statistics.median(times)
-    tokens = batch_size * inp.text_length
+    _, result = time_train_step(trainer, state, host, steps)
     stats = jax.devices()[0].memory_stats() or {}
-    return {
-        "init_s": init_s, "first_call_s": first_s, "step_s": step_s, "flops": flops,
-        "tokens_per_s": tokens / step_s, "examples_per_s": batch_size / step_s,
-        "loss": float(metrics["loss"]),
-        "peak_bytes_in_use": stats.get("peak_bytes_in_use"),
-    }
+    return {"init_s": init_s, **result, "peak_bytes_in_use": stats.get("peak_bytes_in_use")}
 
 
 def main(argv=None):
