@@ -54,15 +54,22 @@ def test_local_two_processes_dry_run():
 
 
 # Stands in for flamingo-train: reports what local.sh gave it, then blocks (process 0) or
-# exits with the code in ITS_EXIT (process 1).
+# exits with the code in ITS_EXIT (process 1). Process 1 exits only after process 0 has
+# written its line (process 0 opens the FIFO after reporting; opening it blocks until both
+# ends are open), so the failure cannot stop process 0 before it reports.
 PROBE = """
 import os, sys, threading
-print(os.environ["FLAMINGO_PROCESS_ID"], os.environ["FLAMINGO_NUM_PROCESSES"],
+process = os.environ["FLAMINGO_PROCESS_ID"]
+print(process, os.environ["FLAMINGO_NUM_PROCESSES"],
       os.environ["FLAMINGO_COORDINATOR"].split(":")[0], os.environ["XLA_FLAGS"], sys.argv[1:],
       flush=True)
-if os.environ["FLAMINGO_PROCESS_ID"] == "0" and os.environ["ITS_EXIT"] != "0":
-    threading.Event().wait()
-sys.exit(int(os.environ["ITS_EXIT"]) if os.environ["FLAMINGO_PROCESS_ID"] == "1" else 0)
+if process == "0":
+    open(os.environ["ITS_FIFO"], "w").close()
+    if os.environ["ITS_EXIT"] != "0":
+        threading.Event().wait()
+    sys.exit(0)
+open(os.environ["ITS_FIFO"]).read()
+sys.exit(int(os.environ["ITS_EXIT"]))
 """
 
 
@@ -70,11 +77,14 @@ sys.exit(int(os.environ["ITS_EXIT"]) if os.environ["FLAMINGO_PROCESS_ID"] == "1"
 def test_local_runs_processes_and_passes_failure_on(tmp_path, exit_code):
     (tmp_path / "probe.py").write_text(PROBE)
     logdir = tmp_path / "logs"
+    fifo = tmp_path / "process_0_reported"
+    os.mkfifo(fifo)
     result = subprocess.run(
         ["bash", "launch/local.sh", "--num_processes", "2", "--devices_per_process", "3",
          "--logdir", str(logdir), "--python", sys.executable, "--entry", "probe", "--",
          "--workdir", "w"],
-        cwd=REPO, env=_clean_env(PYTHONPATH=str(tmp_path), ITS_EXIT=str(exit_code)),
+        cwd=REPO, env=_clean_env(PYTHONPATH=str(tmp_path), ITS_EXIT=str(exit_code),
+                       ITS_FIFO=str(fifo)),
         capture_output=True, text=True, timeout=120)
     assert result.returncode == exit_code, result.stderr
     lines = [(logdir / f"process_{i}.log").read_text().splitlines()[0] for i in range(2)]
