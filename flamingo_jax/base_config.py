@@ -130,7 +130,10 @@ def get_config() -> ml_collections.ConfigDict:
     config.optimizer = ml_collections.ConfigDict(
         dict(lr=1e-4, warmup_steps=5000, schedule="constant", end_lr_fraction=0.0,
              b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.1, grad_clip_norm=1.0,
-             no_weight_decay=(r"^resampler/", r"extra_embedding", r"extra_head/"))
+             no_weight_decay=(r"^resampler/", r"extra_embedding", r"extra_head/"),
+             # ((regex over trainable parameter paths, learning-rate factor), ...); the
+             # first matching regex wins, unmatched parameters keep factor 1
+             lr_multipliers=())
     )
 
     # ---- Few-shot evaluation (SPEC §7, §8; flamingo_jax/eval.py) ------------------------

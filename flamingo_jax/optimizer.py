@@ -5,7 +5,8 @@ decay to `end_lr_fraction · lr` at `num_steps`. Global-norm clipping before Ada
 for NFNet pretraining, adaptive gradient clipping on some parameters and global-norm
 clipping on others: `gradient_clipping`). Weight decay applies to trainable parameters
 except those matched by `no_weight_decay` regexes (the paper exempts the resampler and the
-embeddings).
+embeddings). `lr_multipliers`, ((regex, factor), ...), scales the learning rate of the
+matched parameters (the first matching regex wins), e.g. a faster rate for the gates' α.
 """
 
 import re
@@ -77,9 +78,37 @@ def gradient_clipping(opt_config, trainable_paths: list[str]) -> optax.GradientT
     )
 
 
+def lr_factors(opt_config, trainable_paths: list[str]) -> dict[str, float]:
+    """{path: learning-rate factor} from `optimizer.lr_multipliers` (1 where none matches);
+    a regex that matches no trainable parameter is an error (a typo would be silent)."""
+    factors = {p: 1.0 for p in trainable_paths}
+    claimed: set[str] = set()
+    for entry in opt_config.get("lr_multipliers") or ():
+        if len(entry) != 2 or not isinstance(entry[0], str):
+            raise ValueError(f"optimizer.lr_multipliers entry {entry!r}: expected (regex, factor)")
+        pattern, factor = entry
+        if not factor > 0:
+            raise ValueError(f"optimizer.lr_multipliers[{pattern!r}]={factor}: must be > 0")
+        for p in sorted(_matching(trainable_paths, [pattern], "lr_multipliers") - claimed):
+            factors[p] = float(factor)
+            claimed.add(p)
+    return factors
+
+
+def scale_by_factors(factors: dict[str, float]) -> optax.GradientTransformation:
+    """Multiplies each update of a flat {path: array} dict by its path's factor."""
+
+    def update(updates, state, params=None):
+        del params
+        return {p: u * factors[p] if factors[p] != 1.0 else u for p, u in updates.items()}, state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
 def make_optimizer(opt_config, num_steps: int, trainable_paths: list[str]):
     """optax transformation over a flat {path: array} dict of trainable parameters."""
     schedule = learning_rate_schedule(opt_config, num_steps)
+    factors = lr_factors(opt_config, trainable_paths)
     tx = optax.chain(
         gradient_clipping(opt_config, trainable_paths),
         optax.adamw(
@@ -87,5 +116,6 @@ def make_optimizer(opt_config, num_steps: int, trainable_paths: list[str]):
             weight_decay=opt_config.weight_decay,
             mask=weight_decay_mask(trainable_paths, opt_config.no_weight_decay),
         ),
+        *([scale_by_factors(factors)] if set(factors.values()) != {1.0} else []),
     )
     return tx, schedule
