@@ -89,8 +89,10 @@ def flamingo_tasks(paths: dict[str, str], heldout: bool = False) -> dict[str, di
     prompted = os.path.join(root, "prompted") if heldout else paths["prompted"]
     common = dict(random_flip=False, train=not heldout)
     return {
+        # The synthetic pages always describe an image after it, so text never belongs to
+        # the next image (p_next 0; the paper's 0.5 suits web pages).
         "m3w": dict(kind="interleaved", source="mmc4", path=os.path.join(root, "mmc4"),
-                    batch_size=4, text_length=64, max_media=3, **common),
+                    batch_size=4, text_length=64, max_media=3, p_next=0.0, **common),
         "pairs": dict(kind="pairs", source="webdataset", path=os.path.join(root, "webdataset"),
                       batch_size=8, text_length=32, **common),
         "prompted": dict(kind="interleaved", source="mmc4", path=prompted, batch_size=8,
@@ -122,8 +124,15 @@ def get_config(arg=None):
     config.data.tokenizer = paths["tokenizer"]
     config.data.tasks = flamingo_tasks(paths)
     config.train.task_weights = {"m3w": 0.5, "pairs": 0.5, "prompted": 1.0}
-    config.train.update(num_steps=150, log_every=10)
-    config.optimizer.update(lr=3e-3, warmup_steps=10)
-    config.checkpoint.update(save_every=150, keep=1)
+    config.train.update(num_steps=400, log_every=10)
+    # At α = 0 the gated layers' weights get no gradient, and with tiny α Adam moves the
+    # resampler as fast as anything while the images' only effect on the loss is noise; the
+    # resampler then flattens its output across images before the gates open. Faster gates
+    # and a slower resampler let the images through in a few hundred steps (measured:
+    # held-out loss with shuffled images 0.09-0.10 nats/token above the true images after
+    # 300 steps, against < 0.005 for 150 steps of the plain rate).
+    config.optimizer.update(lr=3e-3, warmup_steps=10,
+                            lr_multipliers=((r"/alpha_", 10.0), (r"^resampler/", 0.1)))
+    config.checkpoint.update(save_every=400, keep=1)
     config.eval.tasks = fewshot_tasks(paths)
     return config

@@ -30,7 +30,8 @@ def get_config(arg=None):
     config.model.vision_init = None
     config.train.trainable = (".*",)
     config.train.task_weights = {"text": 1.0}
-    config.optimizer.update(lr=3e-3, warmup_steps=20, schedule="cosine", end_lr_fraction=0.1)
+    config.optimizer.update(lr=3e-3, warmup_steps=20, schedule="cosine", end_lr_fraction=0.1,
+                            lr_multipliers=())  # one rate: there are no gates or resampler
     if arg is None:
         return config
     config.data.tasks = text_tasks(demo.data_paths(arg))
