@@ -199,6 +199,17 @@ def heldout_losses(trainer: Trainer, params, batches: dict[str, list[dict]]) -> 
     return out
 
 
+def with_other_images(batch: dict) -> dict:
+    """`batch` with each real media slot holding another example's image from that slot (a
+    cyclic shift over the examples that have one) and the text unchanged: the held-out loss
+    on it minus the true one is how much the model reads the images."""
+    media = batch["media"].copy()
+    for m in range(media.shape[1]):
+        rows = np.flatnonzero(batch["media_mask"][:, m])
+        media[rows, m] = batch["media"][np.roll(rows, 1), m]
+    return dict(batch, media=media)
+
+
 def gates(params) -> dict[str, dict[str, float]]:
     """tanh(α) of every gated layer: {xattn_i: {"xattn": ., "dense": .}}."""
     return {name: {"xattn": float(np.tanh(layer["alpha_xattn"])),
@@ -244,10 +255,12 @@ def plot_losses(stages: dict[str, list[dict]], path: str) -> None:
 
 
 def format_table(summary: dict) -> str:
-    lines = ["", "held-out loss (nats/token)          step 0       end"]
+    lines = ["", "held-out loss (nats/token)          step 0       end   end, other examples' images"]
     for stage, losses in summary["heldout_loss"].items():
         for task, (start, end) in losses.items():
-            lines.append(f"  {stage + ' / ' + task:<32}{start:>8.3f}{end:>10.3f}")
+            other = summary["heldout_loss_other_images"].get(stage, {}).get(task)
+            lines.append(f"  {stage + ' / ' + task:<32}{start:>8.3f}{end:>10.3f}"
+                         + (f"{other:>10.3f} ({other - end:+.3f})" if other is not None else ""))
     vision = summary["vision"]
     lines.append(f"vision stage: held-out retrieval over {vision['num_pairs']:.0f} pairs "
                  f"(chance R@1 {vision['chance_recall_at_1']:.3f})     R@1     R@5    R@10")
@@ -326,6 +339,8 @@ def demo(workdir: str) -> dict:
     # ---- 6. Evaluation --------------------------------------------------------------------
     _, params, _ = eval_lib.restore_params(config, paths["flamingo_workdir"])
     flamingo_end = heldout_losses(trainer, params, heldout)
+    flamingo_other = heldout_losses(
+        trainer, params, {k: [with_other_images(b) for b in v] for k, v in heldout.items()})
     fewshot_end = fewshot(config, params, config.train.num_steps, paths["flamingo_workdir"])
     t = mark("evaluation", t)
 
@@ -348,6 +363,7 @@ def demo(workdir: str) -> dict:
             "lm": {k: (lm_start[k], lm_end[k]) for k in lm_start},
             "flamingo": {k: (flamingo_start[k], flamingo_end[k]) for k in flamingo_start},
         },
+        "heldout_loss_other_images": {"flamingo": flamingo_other},
         "gates": final_gates,
         "vision": vision,
         "fewshot": {f"step 0 ({STEP0_QUERIES} queries)": fewshot_start,
