@@ -21,7 +21,7 @@ install: $(VENV)/.base
 install-test: $(VENV)/.test
 
 demo: $(VENV)/.base
-	$(PY) -m flamingo_jax.demo --workdir workdirs/demo
+	$(PY) -m flamingo_jax.demo --workdir workdirs/demo $(DEMO_FLAGS)
 
 test: $(VENV)/.test
 	$(PY) -m pytest -q tests

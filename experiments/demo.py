@@ -45,6 +45,9 @@ def data_paths(workdir: str) -> dict[str, str]:
         "lm_workdir": os.path.join(workdir, "lm"),
         "vision_workdir": os.path.join(workdir, "vision"),
         "flamingo_workdir": os.path.join(workdir, "flamingo"),
+        # `python -m flamingo_jax.demo --random_vision_baseline`: the Flamingo stage again on
+        # a random frozen NFNet
+        "flamingo_random_vision_workdir": os.path.join(workdir, "flamingo_random_vision"),
     }
 
 

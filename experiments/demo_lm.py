@@ -35,6 +35,6 @@ def get_config(arg=None):
     if arg is None:
         return config
     config.data.tasks = text_tasks(demo.data_paths(arg))
-    config.train.update(num_steps=120, log_every=10)  # the held-out loss flattens by ~80
-    config.checkpoint.update(save_every=120, keep=1)
+    config.train.update(num_steps=90, log_every=10)  # the training loss flattens by ~70
+    config.checkpoint.update(save_every=90, keep=1)
     return config

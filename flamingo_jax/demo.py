@@ -222,6 +222,19 @@ def fewshot(config, params, step: int, workdir: str) -> dict:
     return eval_lib.evaluate(config, params, step, workdir=workdir, progress=False)
 
 
+def evaluate_flamingo(config, workdir: str, trainer: Trainer, heldout: dict) -> dict:
+    """The trained Flamingo stage in `workdir`: its params, held-out losses with the true
+    and with other examples' images, and the few-shot results."""
+    _, params, _ = eval_lib.restore_params(config, workdir)
+    return {
+        "params": params,
+        "heldout": heldout_losses(trainer, params, heldout),
+        "other_images": heldout_losses(
+            trainer, params, {k: [with_other_images(b) for b in v] for k, v in heldout.items()}),
+        "fewshot": fewshot(config, params, config.train.num_steps, workdir),
+    }
+
+
 # ---- 7. Report ----------------------------------------------------------------------------
 
 
@@ -283,7 +296,7 @@ def format_table(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def demo(workdir: str) -> dict:
+def demo(workdir: str, random_vision_baseline: bool = False) -> dict:
     start = time.time()
     seconds: dict[str, float] = {}
 
@@ -337,18 +350,24 @@ def demo(workdir: str) -> dict:
     t = mark("flamingo", t)
 
     # ---- 6. Evaluation --------------------------------------------------------------------
-    _, params, _ = eval_lib.restore_params(config, paths["flamingo_workdir"])
-    flamingo_end = heldout_losses(trainer, params, heldout)
-    flamingo_other = heldout_losses(
-        trainer, params, {k: [with_other_images(b) for b in v] for k, v in heldout.items()})
-    fewshot_end = fewshot(config, params, config.train.num_steps, paths["flamingo_workdir"])
+    end = evaluate_flamingo(config, paths["flamingo_workdir"], trainer, heldout)
+    params = end["params"]
     t = mark("evaluation", t)
+    baseline = None
+    if random_vision_baseline:  # issue 8: the same stage on a random frozen NFNet
+        random_config = config.copy_and_resolve_references()
+        random_config.model.vision_init = None
+        train_lib.train(random_config, paths["flamingo_random_vision_workdir"])
+        baseline = evaluate_flamingo(random_config, paths["flamingo_random_vision_workdir"],
+                                     trainer, heldout)
+        t = mark("random-vision baseline", t)
 
     # ---- 7. Report ------------------------------------------------------------------------
     plot_losses({"lm": read_metrics(paths["lm_workdir"]),
                  "flamingo": read_metrics(paths["flamingo_workdir"])},
                 os.path.join(workdir, "loss_curves.png"))
     final_gates = gates(jax.device_get(params))
+    flamingo_end, fewshot_end = end["heldout"], end["fewshot"]
     colour = fewshot_end["synthetic_colour_vqa"]["4"]["vqa_accuracy"]
     checks = {
         f"Flamingo held-out loss falls below {LOSS_DROP} x its step-0 value on every dataset":
@@ -358,12 +377,18 @@ def demo(workdir: str) -> dict:
         f"4-shot colour-question accuracy {colour:.3f} >= {MIN_COLOUR_ACCURACY}":
             colour >= MIN_COLOUR_ACCURACY,
     }
+    if baseline is not None:
+        random_colour = baseline["fewshot"]["synthetic_colour_vqa"]["4"]["vqa_accuracy"]
+        checks[f"on the contrastive NFNet at least as good as on a random one: 4-shot colour "
+               f"{colour:.3f} vs {random_colour:.3f}, held-out loss on every dataset"] = (
+            colour >= random_colour
+            and all(flamingo_end[k] <= baseline["heldout"][k] for k in flamingo_end))
     summary = {
         "heldout_loss": {
             "lm": {k: (lm_start[k], lm_end[k]) for k in lm_start},
             "flamingo": {k: (flamingo_start[k], flamingo_end[k]) for k in flamingo_start},
         },
-        "heldout_loss_other_images": {"flamingo": flamingo_other},
+        "heldout_loss_other_images": {"flamingo": end["other_images"]},
         "gates": final_gates,
         "vision": vision,
         "fewshot": {f"step 0 ({STEP0_QUERIES} queries)": fewshot_start,
@@ -373,6 +398,11 @@ def demo(workdir: str) -> dict:
         "wall_seconds": time.time() - start,
         "peak_rss_gib": peak_rss_gib(),
     }
+    if baseline is not None:
+        summary["heldout_loss"]["flamingo, random NFNet"] = {
+            k: (flamingo_start[k], baseline["heldout"][k]) for k in flamingo_start}
+        summary["heldout_loss_other_images"]["flamingo, random NFNet"] = baseline["other_images"]
+        summary["fewshot"]["random NFNet, at the end"] = baseline["fewshot"]
     with open(os.path.join(workdir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
     print(format_table(summary), flush=True)
@@ -381,11 +411,16 @@ def demo(workdir: str) -> dict:
 
 def main(argv) -> None:
     del argv
-    summary = demo(_WORKDIR.value)
+    summary = demo(_WORKDIR.value, _RANDOM_VISION_BASELINE.value)
     if not all(summary["checks"].values()):
         sys.exit("make demo: a check failed (see the table above)")
 
 
 if __name__ == "__main__":
     _WORKDIR = flags.DEFINE_string("workdir", "workdirs/demo", "Where the demo writes outputs.")
+    _RANDOM_VISION_BASELINE = flags.DEFINE_bool(
+        "random_vision_baseline", False,
+        "Also train the Flamingo stage on a random frozen NFNet (WORKDIR/flamingo_random_vision, "
+        "about as long again as the Flamingo stage) and check that the contrastive NFNet does "
+        "at least as well.")
     app.run(main)
