@@ -7,8 +7,11 @@ encoder unfrozen and fed 480 px images, starting from a Flamingo checkpoint.
 The argument names the model (3b, 9b or 80b; default 3b). model.init_from names the
 pretraining run (a workdir, its checkpoints/ or one checkpoints/<step>); every parameter,
 trainable and frozen, starts from it. The paper tunes the learning rate per task within
-3e-8 to 1e-5; the optimizer here has one learning rate for every trained parameter, so
-this sets the upper end with a short warmup: lower it with --config.optimizer.lr.
+3e-8 to 1e-5; this sets the upper end with a short warmup. Lower it with
+--config.optimizer.lr, or give parameter groups their own rate, e.g. the unfrozen vision
+encoder 100x slower:
+
+    --config.optimizer.lr_multipliers='(("^vision/", 0.01),)'
 """
 
 from experiments import flamingo_3b, flamingo_80b, flamingo_9b
