@@ -142,6 +142,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.eval.batch_size = 8  # prompts per decoding batch (a multiple of data×fsdp)
     config.eval.length_bucket = 32  # prompts padded to a multiple: fewer shapes to compile
     config.eval.seed = 0  # support draws, query subsets, ensemble orderings
+    # flamingo-train runs config.eval.tasks every `every_steps` steps and at the last step
+    # (0 = never): WORKDIR/eval/step_<N>.json and TensorBoard scalars eval/<task>/<shots>/..
+    config.eval.every_steps = 0
     # One in-context example per kind; the target field ({caption}, {answer},
     # {class_name}) comes last; the query's example is cut right before it.
     config.eval.prompts = ml_collections.ConfigDict(dict(

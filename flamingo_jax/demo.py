@@ -268,7 +268,8 @@ def plot_losses(stages: dict[str, list[dict]], path: str) -> None:
 
 
 def format_table(summary: dict) -> str:
-    lines = ["", "held-out loss (nats/token)          step 0       end   end, other examples' images"]
+    lines = ["", "held-out loss (nats/token)          step 0       end"
+             "   end, other examples' images"]
     for stage, losses in summary["heldout_loss"].items():
         for task, (start, end) in losses.items():
             other = summary["heldout_loss_other_images"].get(stage, {}).get(task)

@@ -97,6 +97,15 @@ class MetricsWriter:
             print(self.progress_line(record, eta), file=self._stream or sys.stdout, flush=True)
         return record
 
+    def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
+        """Scalars that are not training metrics (e.g. periodic evaluation) to TensorBoard
+        and one console line; metrics.jsonl keeps one training record per logged step."""
+        if not self.primary:
+            return
+        self._write_tensorboard({"step": int(step), **{k: float(v) for k, v in scalars.items()}})
+        print(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in scalars.items()),
+              file=self._stream or sys.stdout, flush=True)
+
     def progress_line(self, record: Mapping[str, float], eta: float) -> str:
         """'[#####---------------] 25/100  25% | 2.00 steps/s ... | eta 0:37'."""
         done = min(max(record["step"] / max(self.num_steps, 1), 0.0), 1.0)

@@ -3,8 +3,11 @@
     flamingo-train --config experiments/X.py[:arg] [--config.a.b=v ...] --workdir DIR
 
 Writes DIR/checkpoints/, DIR/metrics.jsonl (one JSON object per logged step) and
-TensorBoard events under DIR/tensorboard/ (process 0 only; flamingo_jax.metrics_writer). Re-running with the same workdir resumes from the latest checkpoint, including the
-input position, so the resumed run sees the batches the uninterrupted run would have.
+TensorBoard events under DIR/tensorboard/ (process 0 only; flamingo_jax.metrics_writer);
+with eval.every_steps = K, the few-shot evaluation of config.eval.tasks every K steps and
+at the last step in DIR/eval/step_<N>.json (flamingo_jax.eval). Re-running with the same
+workdir resumes from the latest checkpoint, including the input position, so the resumed
+run sees the batches the uninterrupted run would have.
 """
 
 import dataclasses
@@ -91,8 +94,32 @@ def peak_flops(config) -> float | None:
         return None
 
 
+def eval_scalars(results: dict) -> dict[str, float]:
+    """{'eval/<task>/<shots>-shot/<metric>': value} from flamingo_jax.eval.evaluate's
+    {task: {shots: {metric: value}}}."""
+    return {f"eval/{task}/{shots}-shot/{metric}": float(value)
+            for task, per_shots in results.items() for shots, metrics in per_shots.items()
+            for metric, value in metrics.items() if "/" not in metric}
+
+
+def check_periodic_eval(config) -> int:
+    """config.eval.every_steps, checked before anything is built: evaluation needs a Flamingo
+    model and at least one task."""
+    every = config.eval.get("every_steps", 0) or 0
+    if every < 0:
+        raise ValueError(f"eval.every_steps={every}: use 0 (never) or a positive step count")
+    if every and config.model.kind != "flamingo":
+        raise ValueError(f"eval.every_steps={every} evaluates a Flamingo model; model.kind is "
+                         f"{config.model.kind!r}: set eval.every_steps=0")
+    if every and not config.eval.tasks:
+        raise ValueError(f"eval.every_steps={every} but config.eval.tasks is empty: name the "
+                         f"few-shot tasks (SPEC §7) or set eval.every_steps=0")
+    return every
+
+
 def train(config, workdir: str) -> dict:
     """Runs (or resumes) training; returns the last logged metrics."""
+    eval_every = check_periodic_eval(config)
     os.makedirs(workdir, exist_ok=True)
     # ---- Mesh, model, optimizer, state ------------------------------------------------
     trainer = Trainer(config)
@@ -159,6 +186,12 @@ def train(config, workdir: str) -> dict:
         preempted = preemption.reached()
         if step % config.checkpoint.save_every == 0 or step == config.train.num_steps or preempted:
             checkpointer.save(step, state, distributed.gather_input_states(batches.get_state()))
+        if eval_every and (step % eval_every == 0 or step == config.train.num_steps):
+            from flamingo_jax import eval as eval_lib  # decoding and datasets: only when used
+
+            results = eval_lib.evaluate(config, state.params(), step, workdir=workdir,
+                                        mesh=trainer.mesh, progress=False)
+            writer.write_scalars(step, eval_scalars(results))
         if preempted:
             logging.warning("SIGTERM: saved step %d; stopping (re-run to resume)", step)
             break
