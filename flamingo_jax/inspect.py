@@ -15,6 +15,7 @@ from ml_collections import config_flags
 from flamingo_jax import model_kinds, sharding
 from flamingo_jax.trainable import path_str, trainable_mask
 
+
 def _component(path: str, kind: str) -> str:
     if kind == "lm":  # the text-only LM's parameters carry no `lm/` prefix
         return "lm"
@@ -24,10 +25,23 @@ def _component(path: str, kind: str) -> str:
     return top
 
 
+# Traced parameter shapes by the JSON of the config's model and input sections, the only
+# sections the shapes depend on: several configs (ablations, the CLI, tests) trace each once.
+_SHAPES: dict[str, dict] = {}
+
+
 def abstract_params(config, model=None) -> dict:
-    """Boxed parameter shapes of the model `config.model.kind` builds; nothing is allocated."""
+    """Boxed parameter shapes of the model `config.model.kind` builds; nothing is allocated.
+    Without an explicit `model`, shapes already traced for equal model and input sections
+    are returned (the boxes hold only jax.ShapeDtypeStructs; treat them as read-only)."""
     kind = model_kinds.get(config.model.kind)
-    return model_kinds.abstract_params(kind, config, model or kind.build(config.model))
+    if model is not None:
+        return model_kinds.abstract_params(kind, config, model)
+    key = json.dumps({"model": config.model.to_dict(), "input": config.input.to_dict()},
+                     sort_keys=True, default=repr)
+    if key not in _SHAPES:
+        _SHAPES[key] = model_kinds.abstract_params(kind, config, kind.build(config.model))
+    return _SHAPES[key]
 
 
 def inspect_config(config, num_devices: int | None = None) -> dict:

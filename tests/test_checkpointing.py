@@ -26,6 +26,8 @@ from flamingo_jax.checkpointing import Checkpointer, CheckpointError
 from flamingo_jax.train import make_input, to_microbatches, train
 from flamingo_jax.trainer import Trainer
 
+from conftest import xla_flags
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_STEPS = 20
 
@@ -77,7 +79,7 @@ def _config(path, arg=None):
 def _env(num_devices=8):
     """A subprocess sharing this session's compilation cache."""
     return {**os.environ, "PYTHONPATH": REPO,
-            "XLA_FLAGS": f"--xla_force_host_platform_device_count={num_devices}",
+            "XLA_FLAGS": xla_flags(num_devices),
             "JAX_COMPILATION_CACHE_DIR": jax.config.jax_compilation_cache_dir,
             "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
             "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}

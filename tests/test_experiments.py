@@ -65,7 +65,8 @@ def inspected():
     """inspect_config per experiment. Experiments whose model and input sections agree up
     to keys that change the forward pass but no parameter (FORWARD_ONLY; their values are
     checked in test_ablation_changes_only_its_keys) have the same parameter shapes, so
-    those are traced once and shared."""
+    those are traced once and shared. The paper models go first: their shapes, traced
+    under their own config, are the ones flamingo_jax.inspect keeps for test_inspect."""
     shapes, reports = {}, {}
     original = inspect_lib.abstract_params
 
@@ -79,7 +80,7 @@ def inspected():
 
     inspect_lib.abstract_params = shared
     try:
-        for name in EXPERIMENTS:
+        for name in sorted(EXPERIMENTS, key=lambda n: not n.startswith("flamingo_")):
             reports[name] = inspect_lib.inspect_config(load(name), num_devices=8)
     finally:
         inspect_lib.abstract_params = original

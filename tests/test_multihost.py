@@ -26,6 +26,8 @@ from data_pipelines import mixture_iterator, synthetic, tasks, tokenizer, train_
 from flamingo_jax import distributed
 from flamingo_jax.train import train
 
+from conftest import xla_flags
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_STEPS = 5
 SAVE_AT = 3
@@ -90,7 +92,7 @@ def _train_two_processes(config_path: str, workdir: str) -> list[str]:
     """flamingo-train as processes 0 and 1 of one job on 127.0.0.1; their console logs."""
     port = _free_port()
     env = {**os.environ, "JAX_PLATFORMS": "cpu",
-           "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+           "XLA_FLAGS": xla_flags(4),
            # The test session's compilation cache: a second two-process run compiles nothing.
            "JAX_COMPILATION_CACHE_DIR": jax.config.jax_compilation_cache_dir}
     os.makedirs(workdir, exist_ok=True)
